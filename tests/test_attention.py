@@ -1,0 +1,136 @@
+"""Attention: float64 NumPy reference, masks incl. fully masked rows/batches, dtypes, no NaN/Inf."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from cosyjax.nn.attention import attention
+
+
+def reference(q, k, v, mask, bias=None, scale=None):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    k = np.repeat(k, G, axis=2)
+    v = np.repeat(v, G, axis=2)
+    scale = D ** -0.5 if scale is None else scale
+    logits = np.einsum("bthd,bshd->bhts", q, k) * scale
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)
+    mask = np.broadcast_to(mask, logits.shape) if mask is not None else np.ones(logits.shape, bool)
+    logits = np.where(mask, logits, -np.inf)
+    out = np.zeros((B, H, T, D))
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = logits[b, h, t]
+                if not mask[b, h, t].any():
+                    continue
+                p = np.exp(row - row.max())
+                p /= p.sum()
+                out[b, h, t] = p @ v[b, :, h]
+    return out.transpose(0, 2, 1, 3)
+
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 4e-2, jnp.float16: 5e-3}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3), T=st.integers(1, 40), S=st.integers(1, 40),
+    K=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 3]), D=st.sampled_from([4, 8]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+    mask_kind=st.sampled_from(["none", "random", "key_pad", "row_dead", "batch_dead"]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_float64_reference(B, T, S, K, G, D, dtype, mask_kind, seed):
+    rng = np.random.default_rng(seed)
+    H = K * G
+    q = rng.normal(size=(B, T, H, D)) * 2
+    k = rng.normal(size=(B, S, K, D)) * 2
+    v = rng.normal(size=(B, S, K, D))
+    mask = None
+    if mask_kind == "random":
+        mask = rng.random((B, 1, T, S)) < 0.6
+    elif mask_kind == "key_pad":
+        lens = rng.integers(0, S + 1, size=B)
+        mask = (np.arange(S)[None, :] < lens[:, None])[:, None, None, :]
+    elif mask_kind == "row_dead":
+        mask = rng.random((B, H, T, S)) < 0.7
+        mask[:, :, rng.integers(0, T)] = False
+    elif mask_kind == "batch_dead":
+        mask = np.ones((B, 1, T, S), bool)
+        mask[rng.integers(0, B)] = False
+    qd, kd, vd = (jnp.asarray(a, dtype) for a in (q, k, v))
+    out = attention(qd, kd, vd, None if mask is None else jnp.asarray(mask), implementation="xla")
+    assert out.dtype == dtype and out.shape == (B, T, H, D)
+    out = np.asarray(out, np.float64)
+    assert np.all(np.isfinite(out))
+    ref = reference(*(np.asarray(a, np.float64) for a in (qd, kd, vd)), mask)
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(out, ref, atol=TOL[dtype] * scale, rtol=0)
+    if mask is not None:  # fully masked rows are exactly zero
+        dead = ~np.broadcast_to(mask, (B, H, T, S)).any(-1)  # [B,H,T]
+        assert np.all(out.transpose(0, 2, 1, 3)[dead] == 0)
+
+
+def test_lengths_and_bias():
+    rng = np.random.default_rng(0)
+    B, T, S, H, D = 2, 5, 7, 2, 4
+    q, k, v = rng.normal(size=(B, T, H, D)), rng.normal(size=(B, S, H, D)), rng.normal(size=(B, S, H, D))
+    bias = rng.normal(size=(B, H, T, S))
+    kvl, ql = np.array([7, 3]), np.array([5, 2])
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=jnp.asarray(bias),
+                    kv_lengths=jnp.asarray(kvl), q_lengths=jnp.asarray(ql))
+    mask = (np.arange(S)[None, :] < kvl[:, None])[:, None, None, :] & (np.arange(T)[None, :] < ql[:, None])[:, None, :, None]
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask, bias), atol=2e-5)
+    assert np.all(np.asarray(out)[1, 2:] == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_long_inputs_and_extreme_logits_stay_finite(dtype):
+    B, T, S, H, D = 1, 4, 2048, 2, 16
+    key = jax.random.PRNGKey(0)
+    q = (jax.random.normal(key, (B, T, H, D)) * 30).astype(dtype)
+    k = (jax.random.normal(jax.random.fold_in(key, 1), (B, S, H, D)) * 30).astype(dtype)
+    v = jax.random.normal(jax.random.fold_in(key, 2), (B, S, H, D)).astype(dtype)
+    mask = jnp.arange(S)[None, None, None, :] < jnp.array([1500])[:, None, None, None]
+    out = attention(q, k, v, mask)
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
+def test_decode_shape_query_length_one_over_cache():
+    B, S, H, K, D = 2, 64, 4, 2, 8
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(B, 1, H, D))
+    k, v = rng.normal(size=(B, S, K, D)), rng.normal(size=(B, S, K, D))
+    kvl = np.array([10, 64])
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), kv_lengths=jnp.asarray(kvl))
+    mask = (np.arange(S)[None, :] < kvl[:, None])[:, None, None, :]
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask), atol=2e-5)
+
+
+def test_bad_inputs():
+    q = jnp.zeros((1, 3, 3, 4))
+    k = jnp.zeros((1, 5, 2, 4))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q, k, k)
+    with pytest.raises(TypeError, match="boolean"):
+        attention(q, jnp.zeros((1, 5, 3, 4)), jnp.zeros((1, 5, 3, 4)), jnp.ones((1, 1, 3, 5)))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention(q, jnp.zeros((1, 5, 3, 4)), jnp.zeros((1, 5, 3, 4)), jnp.ones((1, 1, 4, 5), bool))
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        attention(q, jnp.zeros((1, 5, 3, 4)), jnp.zeros((1, 5, 3, 4)), implementation="flash")
+
+
+def test_jit_and_grad_are_finite_with_dead_rows():
+    q = jnp.ones((1, 2, 1, 4))
+    k = jnp.ones((1, 3, 1, 4))
+    mask = jnp.zeros((1, 1, 2, 3), bool)
+    f = jax.jit(lambda q: attention(q, k, k, mask).sum())
+    g = jax.grad(f)(q)
+    assert bool(jnp.all(jnp.isfinite(g)))
