@@ -1,0 +1,165 @@
+"""CosyVoice2 CFM estimator: `CausalConditionalDecoder` (upstream `flow/decoder.py`, blocks from
+Matcha-TTS `models/components/decoder.py` and `transformer.py`).
+
+(x, mu, cond [B, T, 80], mask [B, T] bool, t [B], spks [B, 80]) -> v [B, T, 80] (zero on padded frames).
+
+Single resolution level (CosyVoice2 has `channels = [C]`):
+  temb = time_mlp(sinusoid_320(1000 t))
+  h = [x, mu, spks, cond] (channel concat)
+  down:  CausalResnetBlock1D(in -> C), n x BasicTransformerBlock(C), CausalConv1d(C, k=3) (skip kept before it)
+  mid:   num_mid x (CausalResnetBlock1D(C -> C), n x BasicTransformerBlock(C))
+  up:    [h, skip] -> CausalResnetBlock1D(2C -> C), n x BasicTransformerBlock(C), CausalConv1d(C, k=3)
+  final: CausalBlock1D(C -> C) -> Conv1d(C -> 80, k=1) -> x mask
+Attention masks: key padding, AND the block-causal chunk mask (50 frames) when streaming. Upstream
+adds a -1e10 bias for masked keys; here the same mask goes to `attention` as a boolean, which
+gives identical weights on every row that has a valid key and stays finite in any dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cosyjax.flow.cv2.config import UNetConfig
+from cosyjax.flow.masks import attention_mask
+from cosyjax.nn.attention import attention
+
+__all__ = ["sinusoidal_time_embedding", "mish", "CausalBlock1D", "CausalResnetBlock1D", "BasicTransformerBlock",
+           "CausalConditionalDecoder"]
+
+
+def mish(x):
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def sinusoidal_time_embedding(t, dim: int, scale: float = 1000.0) -> jax.Array:
+    """Matcha `SinusoidalPosEmb`: t [B] -> float32 [B, dim] = [sin(scale t w), cos(scale t w)],
+    w_i = exp(-i ln(10000) / (dim/2 - 1))."""
+    if dim % 2 or dim < 4:
+        raise ValueError(f"sinusoidal time embedding needs an even dim >= 4, got {dim}")
+    half = dim // 2
+    w = jnp.exp(jnp.arange(half, dtype=jnp.float32) * jnp.float32(-(math.log(10000) / (half - 1))))
+    arg = (jnp.float32(scale) * jnp.asarray(t, jnp.float32).reshape(-1))[:, None] * w[None, :]
+    return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
+
+
+def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+def _causal_conv(x, features: int, k: int, dtype, name: str):
+    """Left-pad k-1 zeros, Conv1d(k): x [B, T, C] -> [B, T, features]."""
+    x = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
+    return nn.Conv(features, (k,), padding="VALID", dtype=dtype, name=name)(x)
+
+
+class CausalBlock1D(nn.Module):
+    """x [B, T, C], m [B, T, 1] -> mish(LN(CausalConv_k3(x * m))) * m [B, T, dim_out]."""
+
+    dim_out: int
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, m):
+        h = _causal_conv(x * m, self.dim_out, 3, self.dtype, "conv")
+        h = _layer_norm(self.eps, "norm")(h)
+        return (mish(h) * m).astype(self.dtype)
+
+
+class CausalResnetBlock1D(nn.Module):
+    """x [B, T, C_in], m [B, T, 1], temb [B, E] -> [B, T, dim_out]."""
+
+    dim_out: int
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, m, temb):
+        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block1")(x, m)
+        h = h + nn.Dense(self.dim_out, dtype=self.dtype, name="mlp")(mish(temb))[:, None, :]
+        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block2")(h, m)
+        return h + nn.Conv(self.dim_out, (1,), padding="VALID", dtype=self.dtype, name="res_conv")(x * m)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Matcha block (self-attention only): x += Attn(LN1(x)); x += FF(LN3(x)). x [B, T, C] -> [B, T, C]."""
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, mask):
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        h = _layer_norm(self.eps, "norm1")(x).astype(self.dtype)
+        q = nn.Dense(H * D, use_bias=False, dtype=self.dtype, name="to_q")(h).reshape(B, T, H, D)
+        k = nn.Dense(H * D, use_bias=False, dtype=self.dtype, name="to_k")(h).reshape(B, T, H, D)
+        v = nn.Dense(H * D, use_bias=False, dtype=self.dtype, name="to_v")(h).reshape(B, T, H, D)
+        a = attention(q, k, v, mask, scale=D ** -0.5, implementation=self.attention_impl).reshape(B, T, H * D)
+        x = x + nn.Dense(self.dim, dtype=self.dtype, name="to_out")(a)
+        h = _layer_norm(self.eps, "norm3")(x).astype(self.dtype)
+        h = nn.Dense(4 * self.dim, dtype=self.dtype, name="ff_proj")(h)
+        h = jax.nn.gelu(h, approximate=False)
+        return x + nn.Dense(self.dim, dtype=self.dtype, name="ff_out")(h)
+
+
+class CausalConditionalDecoder(nn.Module):
+    """x, mu, cond [B, T, 80]; mask [B, T] bool; t [B]; spks [B, S] -> v [B, T, 80] (x mask)."""
+
+    cfg: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
+
+    def _transformers(self, h, mask, prefix: str):
+        c = self.cfg
+        for i in range(c.n_blocks):
+            h = BasicTransformerBlock(c.channels[0], c.num_heads, c.attention_head_dim, c.ln_eps, self.dtype,
+                                      self.attention_impl, name=f"{prefix}_transformer_{i}")(h, mask)
+        return h
+
+    @nn.compact
+    def __call__(self, x, mask, mu, t, spks, cond, streaming: bool = False):
+        c = self.cfg
+        B, T, _ = x.shape
+        if len(c.channels) != 1:
+            raise ValueError(f"only single-level U-Nets are supported, got channels {c.channels}")
+        C = c.channels[0]
+        mask = jnp.asarray(mask, jnp.bool_)
+        if mask.shape != (B, T):
+            raise ValueError(f"mask must be [B, T] = {(B, T)}, got {mask.shape}")
+
+        temb = sinusoidal_time_embedding(t, c.in_channels, c.time_scale)
+        temb = nn.Dense(c.time_embed_dim, dtype=jnp.float32, name="time_mlp_linear_1")(temb)
+        temb = nn.Dense(c.time_embed_dim, dtype=jnp.float32, name="time_mlp_linear_2")(nn.silu(temb))
+
+        spks_t = jnp.broadcast_to(spks[:, None, :], (B, T, spks.shape[-1]))
+        h = jnp.concatenate([x, mu, spks_t, cond], axis=-1).astype(self.dtype)
+        if h.shape[-1] != c.in_channels:
+            raise ValueError(f"x+mu+spks+cond has {h.shape[-1]} channels, estimator expects {c.in_channels}")
+        m = mask[..., None].astype(self.dtype)
+        attn_mask = attention_mask(mask, c.static_chunk_size if streaming else 0)  # [B, 1, T|1, T]
+
+        h = CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="down_resnet")(h, m, temb)
+        h = self._transformers(h, attn_mask, "down")
+        skip = h
+        h = _causal_conv(h * m, C, 3, self.dtype, "down_conv")
+
+        for j in range(c.num_mid_blocks):
+            h = CausalResnetBlock1D(C, c.ln_eps, self.dtype, name=f"mid_{j}_resnet")(h, m, temb)
+            h = self._transformers(h, attn_mask, f"mid_{j}")
+
+        h = jnp.concatenate([h, skip], axis=-1)
+        h = CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="up_resnet")(h, m, temb)
+        h = self._transformers(h, attn_mask, "up")
+        h = _causal_conv(h * m, C, 3, self.dtype, "up_conv")
+
+        h = CausalBlock1D(C, c.ln_eps, self.dtype, name="final_block")(h, m)
+        out = nn.Conv(c.out_channels, (1,), padding="VALID", dtype=jnp.float32, name="final_proj")(h * m)
+        return out * mask[..., None].astype(out.dtype)
