@@ -70,13 +70,17 @@ class FlowCV2(nn.Module):
         e = self.input_embedding(tok).astype(jnp.float32)
         return jnp.where(padding_mask(n_tokens, tokens.shape[1])[:, :, None], e, 0.0)
 
-    def encode(self, tokens, n_tokens, n_encoded, streaming: bool = False):
+    def encoder_hidden(self, tokens, n_tokens, n_encoded, streaming: bool = False):
         """tokens [B, N], n_tokens [B] (incl. look-ahead context), n_encoded [B] (= n_tokens, or
-        n_tokens - 3 when not finalizing) -> (embedding [B, N, D], mu [B, 2N, 80] float32, mu_len [B])."""
+        n_tokens - 3 when not finalizing) -> (embedding [B, N, D] f32, h [B, 2N, D], h_len [B])."""
         e = self.token_embedding(tokens, n_tokens)
         h, h_len = self.encoder(e.astype(self.dtype), n_tokens, n_encoded, streaming=streaming)
-        mu = self.encoder_proj(h.astype(jnp.float32))
-        return e, mu, h_len
+        return e, h, h_len
+
+    def encode(self, tokens, n_tokens, n_encoded, streaming: bool = False):
+        """As `encoder_hidden`, projected: -> (embedding [B, N, D], mu [B, 2N, 80] float32, mu_len [B])."""
+        e, h, h_len = self.encoder_hidden(tokens, n_tokens, n_encoded, streaming)
+        return e, self.encoder_proj(h.astype(jnp.float32)), h_len
 
     def estimate(self, x, mask, mu, t, spks, cond, streaming: bool = False):
         return self.estimator(x, mask, mu, t, spks, cond, streaming=streaming)
@@ -228,7 +232,7 @@ def pack_inputs(cfg: FlowCV2Config, token, token_len, prompt_token, prompt_token
         noise = _as_np("noise", noise, 3, "f").astype(np.float32)
         if noise.shape[0] not in (1, B) or noise.shape[2] != M:
             raise FlowInputError(f"noise must be [1 or B, T, {M}] (time-major), got {noise.shape}")
-        need = int(n_tokens.max()) * r
+        need = int((n_tokens - (0 if finalize else L)).max()) * r  # frames the solver integrates
         if noise.shape[1] < need:
             raise FlowInputError(f"noise has {noise.shape[1]} frames, need {need} (prompt + new mel frames)")
         noise_arr = np.zeros((noise.shape[0], T, M), np.float32)
