@@ -19,6 +19,7 @@ indexes) and embedded on device by `SpeechLM.embed_prompt`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -31,8 +32,8 @@ from cosyjax.llm.qwen2 import Embedding, Linear, Qwen2Model
 
 __all__ = [
     "KIND_PAD", "KIND_TEXT", "KIND_SPEECH", "KIND_SPECIAL", "LLMInputError", "PromptLayout", "SpeechLM",
-    "abstract_params", "build_prompt", "cast_params", "filter_silent_tokens", "init_params", "length_limits",
-    "new_cache",
+    "abstract_params", "backbone_forward", "build_prompt", "cast_params", "filter_silent_tokens", "init_params",
+    "length_limits", "new_cache", "prompt_rows",
 ]
 
 KIND_PAD, KIND_TEXT, KIND_SPEECH, KIND_SPECIAL = 0, 1, 2, 3  # which table `ids` index
@@ -255,3 +256,14 @@ def filter_silent_tokens(cfg: LLMConfig, tokens) -> list[int]:
         out.append(t)
     return out
 
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def backbone_forward(params, cfg: LLMConfig, xs, lengths=None):
+    """Teacher-forced full forward without a prior cache: xs `[B, T, H]` (right-padded, `lengths` `[B]`)
+    -> (hidden `[B, T, H]` after the final norm, float32 logits `[B, T, V]`) = upstream
+    `Qwen2Encoder.forward` + `llm_decoder`."""
+    B, T, _ = xs.shape
+    cache = new_cache(cfg, B, T)
+    h, _ = SpeechLM(cfg).apply({"params": params}, xs, cache, None, lengths, method=SpeechLM.forward)
+    return h, SpeechLM(cfg).apply({"params": params}, h, method=SpeechLM.logits)
