@@ -1,0 +1,287 @@
+"""CV2 flow model (cosyjax/flow/cv2): rel-pos attention vs a float64 reference, encoder/estimator/inference
+golden parity, shapes/dtypes, bucketing (padding invariance, no recompilation), batching, streaming,
+bfloat16, random lengths, bad input."""
+from __future__ import annotations
+
+import math
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from convert.registry import convert_component
+from cosyjax.config import ModelConfig
+from cosyjax.flow.cv2.config import FlowCV2Config
+from cosyjax.flow.cv2.model import FlowCV2, FlowInputError, flow_core, flow_inference
+from cosyjax.flow.cv2.rel_attention import RelPositionMultiHeadedAttention, rel_pos_table, rel_shift
+from tests.conftest import GOLDEN, model_dir
+
+FLOW = os.path.join(GOLDEN, "cosyvoice2", "flow")
+needs_golden = pytest.mark.skipif(not os.path.exists(os.path.join(FLOW, "inference.npz")),
+                                  reason="golden flow fixtures absent")
+
+
+def _t(a):
+    return np.swapaxes(np.asarray(a), -1, -2)
+
+
+def rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def model():
+    mc = ModelConfig.from_dir(model_dir("cosyvoice2"))
+    cfg = FlowCV2Config.from_model_config(mc)
+    return cfg, jax.device_put(convert_component("flow", mc))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(os.path.join(FLOW, "inference.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _inputs(z):
+    return (z["token"], z["token_len"], z["prompt_token"], z["prompt_token_len"], z["prompt_feat"],
+            z["prompt_feat_len"], z["embedding"])
+
+
+# ---- relative-position attention --------------------------------------------------------------
+
+def test_rel_pos_table_and_shift():
+    T, d = 5, 8
+    table = np.asarray(rel_pos_table(T, d))
+    chex.assert_shape(table, (2 * T - 1, d))
+    for m in range(2 * T - 1):
+        r = T - 1 - m
+        w = np.exp(-np.arange(0, d, 2) * math.log(10000.0) / d)
+        np.testing.assert_allclose(table[m, 0::2], np.sin(r * w), atol=1e-6)
+        np.testing.assert_allclose(table[m, 1::2], np.cos(r * w), atol=1e-6)
+    x = np.random.default_rng(0).normal(size=(2, 3, T, 2 * T - 1)).astype(np.float32)
+    got = np.asarray(rel_shift(jnp.asarray(x)))
+    i, j = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+    np.testing.assert_array_equal(got, x[..., i, T - 1 - i + j])
+
+
+def _rel_attention_reference(p, x, key_mask):
+    """float64 NumPy: score[i,j] = ((q_i+u).k_j + (q_i+v).P(i-j)) / sqrt(dk), masked softmax."""
+    B, T, D = x.shape
+    H = p["pos_bias_u"].shape[0]
+    dk = D // H
+    lin = lambda n, a: a @ np.asarray(p[n]["kernel"], np.float64) + (np.asarray(p[n]["bias"], np.float64)  # noqa: E731
+                                                                      if "bias" in p[n] else 0.0)
+    x = np.asarray(x, np.float64)
+    q, k, v = (lin(n, x).reshape(B, T, H, dk) for n in ("linear_q", "linear_k", "linear_v"))
+    w = np.exp(-np.arange(0, D, 2) * math.log(10000.0) / D)
+    rel = np.arange(T)[:, None] - np.arange(T)[None, :]  # i - j
+    pe = np.zeros((T, T, D))
+    pe[..., 0::2] = np.sin(rel[..., None] * w)
+    pe[..., 1::2] = np.cos(rel[..., None] * w)
+    pp = lin("linear_pos", pe).reshape(T, T, H, dk)
+    u, vb = np.asarray(p["pos_bias_u"], np.float64), np.asarray(p["pos_bias_v"], np.float64)
+    s = (np.einsum("bihd,bjhd->bhij", q + u, k) + np.einsum("bihd,ijhd->bhij", q + vb, pp)) / math.sqrt(dk)
+    s = np.where(key_mask[:, None, None, :], s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("bhij,bjhd->bihd", a, v).reshape(B, T, D)
+    return lin("linear_out", o)
+
+
+def test_rel_position_attention_matches_reference():
+    B, T, D, H = 2, 7, 16, 2
+    mod = RelPositionMultiHeadedAttention(H, D)
+    x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
+    pos = rel_pos_table(T, D)
+    params = mod.init(jax.random.PRNGKey(1), x, pos)["params"]
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
+    params = dict(params, pos_bias_u=jax.random.normal(keys[0], (H, D // H)),
+                  pos_bias_v=jax.random.normal(keys[1], (H, D // H)))
+    key_mask = np.arange(T)[None, :] < np.array([[T], [4]])
+    got = jax.jit(mod.apply)({"params": params}, x, pos, jnp.asarray(key_mask)[:, None, None, :])
+    want = _rel_attention_reference(params, np.asarray(x), key_mask)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- golden parity --------------------------------------------------------------------------
+
+@needs_golden
+def test_encoder_golden_and_bucket_padding_invariance(model):
+    """mu equals upstream on the finalize=False (context) path, also when padded into a larger bucket
+    with garbage past the valid length (the parity checker covers the other paths)."""
+    cfg, params = model
+    z = np.load(os.path.join(FLOW, "encoder.npz"))
+    tok, n = z["token_concat"], z["token_len"]
+    N = tok.shape[1]
+    padded = np.full((1, N + 17), 77, np.int32)
+    padded[:, :N] = tok
+    encode = jax.jit(lambda p, t, n, ne: FlowCV2(cfg).apply({"params": p}, t, n, ne, True, method=FlowCV2.encode))
+    want = z["stream_context__mu"]
+    for t in (tok, padded):
+        e, mu, mu_len = encode(params, t, n, n - cfg.pre_lookahead_len)
+        chex.assert_shape(mu, (1, 2 * t.shape[1], cfg.output_size))
+        chex.assert_type(mu, jnp.float32)
+        assert int(mu_len[0]) == want.shape[1]
+        assert rel_l2(np.asarray(mu)[:, :want.shape[1]], want) < 1e-4
+        assert rel_l2(e[:, :N], z["token_embedding"]) < 1e-6
+        np.testing.assert_array_equal(np.asarray(e)[:, N:], 0.0)
+
+
+@needs_golden
+def test_estimator_golden(model):
+    cfg, params = model
+    z = np.load(os.path.join(FLOW, "estimator.npz"))
+    x, mu, cond = (jnp.asarray(_t(z[k])) for k in ("x", "mu", "cond"))
+    mask = np.asarray(z["mask_padded"][:, 0] > 0)
+    assert not mask.all()
+    estimate = jax.jit(lambda p, *a: FlowCV2(cfg).apply({"params": p}, *a, True, method=FlowCV2.estimate))
+    got = estimate(params, x, jnp.asarray(mask), mu, jnp.asarray(z["t"]), jnp.asarray(z["spks"]), cond)
+    chex.assert_shape(got, x.shape)
+    chex.assert_type(got, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got)[~mask], 0.0)
+    # key-padded row: its valid frames do not see the padded ones (row 1 is the unpadded CFG row)
+    got_full = estimate(params, x, jnp.asarray(z["mask"][:, 0] > 0), mu, jnp.asarray(z["t"]),
+                        jnp.asarray(z["spks"]), cond)
+    assert rel_l2(got_full, _t(z["out_stream"])) < 1e-4
+    np.testing.assert_allclose(np.asarray(got)[1], np.asarray(got_full)[1], atol=1e-6)
+
+
+@needs_golden
+def test_inference_golden_seed0_noise_shapes(model, golden):
+    """Default (regenerated seed-0) noise, chunked streaming without finalize; shapes and dtypes."""
+    cfg, params = model
+    mel, mel_len = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=False)
+    want = _t(golden["stream_chunk__mel"])
+    chex.assert_shape(mel, want.shape)
+    chex.assert_type(mel, jnp.float32)
+    chex.assert_type(mel_len, jnp.int32)
+    assert int(mel_len[0]) == 2 * (int(golden["token_len"][0]) - cfg.pre_lookahead_len)
+    assert rel_l2(mel, want) < 1e-4
+    padded, n = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=False, trim=False)
+    assert padded.shape[1] >= want.shape[1]
+    np.testing.assert_array_equal(np.asarray(padded)[:, int(n[0]):], 0.0)
+    # finalize=True on the same bucket reuses the compilation; compare with upstream's stream_final
+    mel, _ = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=True)
+    assert rel_l2(mel, _t(golden["stream_final__mel"])) < 1e-4
+
+
+@needs_golden
+def test_streaming_chunks_reproduce_earlier_frames(model, golden):
+    """Chunk masks + causal convs + position-fixed noise: frames in complete chunks that the
+    look-ahead context cannot reach agree between a finalize=False call and the final call."""
+    cfg, params = model
+    a, _ = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=False)
+    b, _ = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=True)
+    P = 2 * int(golden["prompt_token_len"][0])
+    chunk = cfg.unet.static_chunk_size
+    full = (P + a.shape[1]) // chunk * chunk - P  # new frames inside complete 50-frame chunks
+    assert full > 0
+    np.testing.assert_allclose(np.asarray(a)[:, :full], np.asarray(b)[:, :full], atol=1e-5)
+    assert not np.allclose(np.asarray(a)[:, full:], np.asarray(b)[:, full:a.shape[1]], atol=1e-3)
+
+
+@needs_golden
+def test_no_recompilation_within_bucket(model, golden):
+    cfg, params = model
+    inp = list(_inputs(golden))
+    flow_inference(params, cfg, *inp, streaming=False, finalize=True)
+    n_compiled = flow_core._cache_size()
+    for n_new in (40, 29, 45):  # prompt 12 + n_new stays inside the 64-token bucket
+        inp[0], inp[1] = golden["token"][:, :n_new], np.array([n_new], np.int32)
+        mel, mel_len = flow_inference(params, cfg, *inp, streaming=False, finalize=True)
+        assert mel.shape == (1, 2 * n_new, 80) and int(mel_len[0]) == 2 * n_new
+    assert flow_core._cache_size() == n_compiled
+
+
+@needs_golden
+def test_batch_rows_match_single_calls(model, golden):
+    """Two rows with different prompt/new lengths, packed and padded, equal their batch-1 results."""
+    cfg, params = model
+    rng = np.random.default_rng(1)
+    tok, ptok, pfeat, emb = golden["token"], golden["prompt_token"], golden["prompt_feat"], golden["embedding"]
+    emb2 = np.concatenate([emb, rng.normal(size=emb.shape).astype(np.float32)])
+    token = np.concatenate([tok, np.roll(tok, 5, axis=1)])
+    token_len = np.array([48, 31], np.int32)
+    prompt_token = np.concatenate([ptok, ptok])
+    prompt_token_len = np.array([12, 7], np.int32)
+    prompt_feat = np.concatenate([pfeat, pfeat])
+    mel, mel_len = flow_inference(params, cfg, token, token_len, prompt_token, prompt_token_len, prompt_feat,
+                                  2 * prompt_token_len, emb2, streaming=False, finalize=True)
+    for b in range(2):
+        p, n = int(prompt_token_len[b]), int(token_len[b])
+        one, one_len = flow_inference(params, cfg, token[b:b + 1, :n], token_len[b:b + 1], prompt_token[b:b + 1, :p],
+                                      prompt_token_len[b:b + 1], prompt_feat[b:b + 1, :2 * p],
+                                      2 * prompt_token_len[b:b + 1], emb2[b:b + 1], streaming=False, finalize=True)
+        assert int(mel_len[b]) == int(one_len[0]) == 2 * n
+        np.testing.assert_allclose(np.asarray(mel)[b, :2 * n], np.asarray(one)[0], atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(mel)[b, 2 * n:], 0.0)
+
+
+@needs_golden
+def test_bfloat16_close_to_float32(model, golden):
+    cfg, params = model
+    bf16, _ = flow_inference(params, cfg, *_inputs(golden), streaming=False, finalize=True, dtype="bfloat16")
+    assert bf16.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(bf16)))
+    assert rel_l2(bf16, _t(golden["nonstream__mel"])) < 5e-2
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_new=st.integers(4, 30), n_prompt=st.integers(0, 12), streaming=st.booleans(), finalize=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_lengths_give_finite_outputs(model, n_new, n_prompt, streaming, finalize, seed):
+    cfg, params = model
+    rng = np.random.default_rng(seed)
+    token = rng.integers(0, cfg.vocab_size, (1, 30)).astype(np.int32)
+    ptoken = rng.integers(0, cfg.vocab_size, (1, 12)).astype(np.int32)
+    pfeat = rng.normal(-5, 2, (1, 24, 80)).astype(np.float32)
+    emb = rng.normal(size=(1, 192)).astype(np.float32)
+    mel, mel_len = flow_inference(params, cfg, token, [n_new], ptoken, [n_prompt], pfeat, [2 * n_prompt], emb,
+                                  streaming=streaming, finalize=finalize, trim=False)
+    want_len = 2 * (n_new - (0 if finalize else cfg.pre_lookahead_len))
+    assert int(mel_len[0]) == want_len
+    m = np.asarray(mel)
+    assert np.all(np.isfinite(m))
+    assert np.all(m[:, want_len:] == 0) and np.any(m[:, :want_len] != 0)
+
+
+@needs_golden
+def test_bad_inputs_raise_clear_errors(model, golden):
+    cfg, params = model
+    inp = list(_inputs(golden))
+    names = ("token", "token_len", "prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")
+
+    def call(**kw):
+        args = [kw.pop(k, inp[i]) for i, k in enumerate(names)]
+        return flow_inference(params, cfg, *args, streaming=False, finalize=kw.pop("finalize", True), **kw)
+
+    bad = golden["token"].copy()
+    bad[0, 5] = cfg.vocab_size
+    with pytest.raises(FlowInputError, match=r"token\[0, 5\] = 6561 is outside the speech-token vocabulary"):
+        call(token=bad)
+    bad = golden["prompt_token"].copy()
+    bad[0, 0] = -1
+    with pytest.raises(FlowInputError, match="prompt_token.*outside"):
+        call(prompt_token=bad)
+    with pytest.raises(FlowInputError, match="empty token sequence"):
+        call(token_len=np.array([0], np.int32))
+    with pytest.raises(FlowInputError, match="must be 2 x prompt_token_len"):
+        call(prompt_feat_len=np.array([23], np.int32))
+    with pytest.raises(FlowInputError, match="finalize=False needs more than"):
+        call(token=golden["token"][:, :3], token_len=np.array([3], np.int32), finalize=False)
+    with pytest.raises(FlowInputError, match="batch size"):
+        call(embedding=np.zeros((2, 192), np.float32))
+    with pytest.raises(FlowInputError, match=r"embedding must be \[B, 192\]"):
+        call(embedding=np.zeros((1, 80), np.float32))
+    with pytest.raises(FlowInputError, match="time-major"):
+        call(prompt_feat=_t(golden["prompt_feat"]))
+    with pytest.raises(FlowInputError, match="must be integer"):
+        call(token=golden["token"].astype(np.float32))
+    with pytest.raises(FlowInputError, match="noise has 100 frames"):
+        call(noise=np.zeros((1, 100, 80), np.float32))
+    with pytest.raises(FlowInputError, match="noise buffer"):
+        call(token=np.zeros((1, 7600), np.int32), token_len=np.array([7600], np.int32))
