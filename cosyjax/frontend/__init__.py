@@ -23,7 +23,7 @@ from cosyjax.frontend.errors import (
 from cosyjax.frontend.features import MelConfig, kaldi_fbank, prompt_mel, speaker_fbank, whisper_log_mel
 from cosyjax.frontend.model_inputs import CV3_SYSTEM_PROMPT, Frontend, PromptFeatures, align_prompt
 from cosyjax.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
-from cosyjax.frontend.resample import resample
+from cosyjax.frontend.resampling import resample
 from cosyjax.frontend.speakers import SpeakerStore
 from cosyjax.frontend.text_normalize import TextNormalizer, split_paragraph
 from cosyjax.frontend.tokenizer import TextTokenizer

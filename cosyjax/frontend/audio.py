@@ -27,7 +27,7 @@ from cosyjax.frontend.errors import (
     SampleRateError,
     SilentAudioError,
 )
-from cosyjax.frontend.resample import resample, resampled_length
+from cosyjax.frontend.resampling import resample, resampled_length
 
 __all__ = [
     "Audio",
