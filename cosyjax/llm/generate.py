@@ -85,14 +85,14 @@ class DecodeState:
     history: jax.Array  # [B, win_size] int32 ring buffer of emitted tokens (-1 = empty)
     min_len: jax.Array  # [B] int32
     max_len: jax.Array  # [B] int32
-    rng: jax.Array  # [B] keys, or injected uniforms [B, N, 2] float
+    draws: jax.Array  # [B, N, 2] float32 uniforms of sampling calls 0..N-1 (from keys or injected)
 
 
 def _apply(cfg: LLMConfig, params, method, *args):
     return SpeechLM(cfg).apply({"params": params}, *args, method=method)
 
 
-def prefill(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, rng, capacity: int) -> DecodeState:
+def prefill(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, draws, capacity: int) -> DecodeState:
     """Embed the left-padded prompt, run it through an empty cache and return the decode state."""
     B, L = ids.shape
     cache = new_cache(cfg, B, capacity, start)
@@ -102,7 +102,7 @@ def prefill(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, rng, cap
     return DecodeState(
         cache=cache, logp=logp, step=jnp.zeros((), jnp.int32), n_out=jnp.zeros((B,), jnp.int32),
         active=max_len > 0, history=jnp.full((B, cfg.win_size), -1, jnp.int32),
-        min_len=min_len, max_len=max_len, rng=rng)
+        min_len=min_len, max_len=max_len, draws=draws)
 
 
 def decode_step(params, cfg: LLMConfig, method: str, state: DecodeState):
@@ -111,7 +111,7 @@ def decode_step(params, cfg: LLMConfig, method: str, state: DecodeState):
     info = (unmasked logp `[B, V]`, fallback `[B]`, nucleus size `[B]`, was-active `[B]`)."""
     was_active = state.active
     masked = smp.suppress_stop(cfg, state.logp, state.step < state.min_len)
-    u = smp.draw_uniforms(state.rng, state.step)
+    u = smp.draw_uniforms(state.draws, state.step)
     tok, fallback, n_keep = smp.sample(cfg, method, masked, state.history, u)
     lo, hi = cfg.stop_ids
     emit = was_active & ~((tok >= lo) & (tok < hi))
@@ -132,11 +132,11 @@ def decode_step(params, cfg: LLMConfig, method: str, state: DecodeState):
 # jitted programs
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new", "capacity", "record_topk", "record_full"))
-def _generate_program(params, ids, kind, start, min_len, max_len, rng, *, cfg, method, max_new, capacity,
+def _generate_program(params, ids, kind, start, min_len, max_len, draws, *, cfg, method, max_new, capacity,
                       record_topk=0, record_full=0):
     B = ids.shape[0]
     V = cfg.speech_vocab_size
-    state = prefill(params, cfg, ids, kind, start, min_len, max_len, rng, capacity)
+    state = prefill(params, cfg, ids, kind, start, min_len, max_len, draws, capacity)
     out = jnp.full((B, max_new), -1, jnp.int32)
     rec = {}
     if record_topk:
@@ -180,8 +180,8 @@ def _generate_program(params, ids, kind, start, min_len, max_len, rng, *, cfg, m
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
-def _prefill_program(params, ids, kind, start, min_len, max_len, rng, *, cfg, capacity):
-    return prefill(params, cfg, ids, kind, start, min_len, max_len, rng, capacity)
+def _prefill_program(params, ids, kind, start, min_len, max_len, draws, *, cfg, capacity):
+    return prefill(params, cfg, ids, kind, start, min_len, max_len, draws, capacity)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "hop"), donate_argnums=(1,))
@@ -214,7 +214,7 @@ class Prepared:
     start: np.ndarray
     min_len: np.ndarray
     max_len: np.ndarray
-    rng: jax.Array
+    draws: jax.Array  # [B, N, 2] float32 uniforms per sampling call
     max_new: int
     capacity: int
     method: str
@@ -270,17 +270,17 @@ def prepare(cfg: LLMConfig, text, text_len=None, prompt_text=None, prompt_text_l
             raise LLMInputError(f"uniforms cover {u.shape[1]} sampling calls, max_len needs {need}")
         if np.any((u < 0) | (u >= 1)):
             raise LLMInputError("uniforms must lie in [0, 1)")
-        rng = np.full((B, max_new, 2), 0.5, np.float32)
+        draws = np.full((B, max_new, 2), 0.5, np.float32)
         m = min(max_new, u.shape[1])
-        rng[:, :m] = u[:, :m]
-        rng = jnp.asarray(rng)
+        draws[:, :m] = u[:, :m]
+        draws = jnp.asarray(draws)
     elif sampling == "greedy":
-        rng = jnp.zeros((B, 1, 2), jnp.float32)
+        draws = jnp.zeros((B, 1, 2), jnp.float32)
     else:
         if key is None:
             raise LLMInputError("sampling='ras' needs a jax.random key (key=...) or injected uniforms")
-        rng = _row_keys(key, B)
-    return Prepared(ids=layout.ids, kind=layout.kind, start=layout.start, min_len=mins, max_len=maxs, rng=rng,
+        draws = smp.uniforms_from_keys(_row_keys(key, B), max_new)
+    return Prepared(ids=layout.ids, kind=layout.kind, start=layout.start, min_len=mins, max_len=maxs, draws=draws,
                     max_new=max_new, capacity=capacity, method=sampling)
 
 
@@ -319,7 +319,7 @@ def generate_detailed(params, cfg: LLMConfig, text, text_len=None, prompt_text=N
                 cache_len=cache_len)
     out, lengths, rec = _generate_program(
         params, jnp.asarray(p.ids), jnp.asarray(p.kind), jnp.asarray(p.start), jnp.asarray(p.min_len),
-        jnp.asarray(p.max_len), p.rng, cfg=cfg, method=p.method, max_new=p.max_new, capacity=p.capacity,
+        jnp.asarray(p.max_len), p.draws, cfg=cfg, method=p.method, max_new=p.max_new, capacity=p.capacity,
         record_topk=int(record_topk), record_full=int(record_full_steps))
     return Generation(tokens=out, lengths=lengths, logp_topk_values=rec.get("topk_values"),
                       logp_topk_indices=rec.get("topk_indices"), logp_full=rec.get("full"), trace=rec.get("trace"))
@@ -348,7 +348,7 @@ def generate_stream(params, cfg: LLMConfig, text, text_len=None, prompt_text=Non
                 key=key, sampling=sampling, max_len=max_len, min_len=min_len, uniforms=uniforms,
                 cache_len=cache_len)
     state = _prefill_program(params, jnp.asarray(p.ids), jnp.asarray(p.kind), jnp.asarray(p.start),
-                             jnp.asarray(p.min_len), jnp.asarray(p.max_len), p.rng, cfg=cfg, capacity=p.capacity)
+                             jnp.asarray(p.min_len), jnp.asarray(p.max_len), p.draws, cfg=cfg, capacity=p.capacity)
     while bool(jnp.any(state.active)):
         state, out = _chunk_program(params, state, cfg=cfg, method=p.method, hop=int(hop))
         out = np.asarray(out)

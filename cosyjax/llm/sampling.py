@@ -12,13 +12,15 @@ All functions work on a batch: logp `[B, V]` float32, history `[B, W]` int32 (-1
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from cosyjax.llm.config import LLMConfig
 
 __all__ = ["SAMPLERS", "suppress_stop", "inverse_cdf", "nucleus", "ras_sample", "greedy_sample", "sample",
-           "draw_uniforms"]
+           "draw_uniforms", "uniforms_from_keys"]
 
 SAMPLERS = ("ras", "greedy")
 _NEG_INF = -jnp.inf
@@ -104,9 +106,21 @@ def sample(cfg: LLMConfig, method: str, logp, history, u):
     raise ValueError(f"unknown sampling method {method!r}; expected one of {SAMPLERS}")
 
 
-def draw_uniforms(rng, step):
-    """Two uniforms per row for sampling call `step`: rng is keys `[B]` (folded with step) or an
-    injected `[B, N, 2]` float array (row `step`) -> `[B, 2]` float32."""
-    if jnp.issubdtype(rng.dtype, jnp.floating):
-        return jax.lax.dynamic_index_in_dim(rng, step, axis=1, keepdims=False).astype(jnp.float32)
-    return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (2,), jnp.float32))(rng)
+def uniforms_from_keys(keys, n: int):
+    """keys `[B]` -> uniforms `[B, n, 2]` float32; row i of key k = `uniform(fold_in(k, i), (2,))`.
+
+    Drawn before the decode loop (per sampling call, so a prefix does not depend on n); the loop
+    itself then only indexes an array (no RNG ops inside the compiled `while`)."""
+    return _uniforms_from_keys(keys, int(n))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _uniforms_from_keys(keys, n):
+    steps = jnp.arange(n, dtype=jnp.uint32)
+    one = lambda k: jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k, i), (2,), jnp.float32))(steps)
+    return jax.vmap(one)(keys)
+
+
+def draw_uniforms(uniforms, step):
+    """The two uniforms `[B, 2]` of sampling call `step` from `[B, N, 2]` (index clamped to N-1)."""
+    return jax.lax.dynamic_index_in_dim(uniforms, step, axis=1, keepdims=False).astype(jnp.float32)
