@@ -78,12 +78,21 @@ class OnnxModel:
 
 
 class SpeakerEncoder(OnnxModel):
-    """campplus.onnx: `__call__(fbank_cmn [frames, 80]) -> float32 [1, D]` (D = 192)."""
+    """campplus.onnx: `__call__(fbank_cmn [frames, 80]) -> float32 [1, D]` (D = 192).
+
+    An `Audio` is accepted too: its 16 kHz version goes through `features.speaker_fbank` first.
+    """
 
     kind = "speaker encoder (campplus.onnx)"
     n_inputs = 1
 
-    def __call__(self, fbank_cmn: np.ndarray) -> np.ndarray:
+    def __call__(self, fbank_cmn) -> np.ndarray:
+        from cosyjax.frontend.audio import Audio
+
+        if isinstance(fbank_cmn, Audio):
+            from cosyjax.frontend.features import speaker_fbank
+
+            fbank_cmn = speaker_fbank(fbank_cmn.at(16000))
         feat = np.asarray(fbank_cmn, dtype=np.float32)
         if feat.ndim != 2:
             raise ValueError(f"speaker encoder expects a fbank [frames, bins], got shape {feat.shape}")
@@ -92,12 +101,21 @@ class SpeakerEncoder(OnnxModel):
 
 
 class SpeechTokenizer(OnnxModel):
-    """speech_tokenizer_v2/v3.onnx: `__call__(log_mel [1, 128, T]) -> int32 [1, L]` speech tokens."""
+    """speech_tokenizer_v2/v3.onnx: `__call__(log_mel [1, 128, T]) -> int32 [1, L]` speech tokens.
+
+    An `Audio` is accepted too: its 16 kHz version goes through `features.whisper_log_mel` first.
+    """
 
     kind = "speech tokenizer (speech_tokenizer_v*.onnx)"
     n_inputs = 2
 
-    def __call__(self, log_mel: np.ndarray) -> np.ndarray:
+    def __call__(self, log_mel) -> np.ndarray:
+        from cosyjax.frontend.audio import Audio
+
+        if isinstance(log_mel, Audio):
+            from cosyjax.frontend.features import whisper_log_mel
+
+            log_mel = whisper_log_mel(log_mel.at(16000), n_mels=128)
         feat = np.asarray(log_mel, dtype=np.float32)
         if feat.ndim != 3 or feat.shape[0] != 1:
             raise ValueError(f"speech tokenizer expects a log-mel [1, n_mels, T], got shape {feat.shape}")
