@@ -30,7 +30,7 @@ from cosyjax.flow.masks import padding_mask
 from cosyjax.flow.pre_lookahead import PreLookaheadLayer
 
 __all__ = ["FlowCV3", "FlowInputError", "flow_inference", "flow_core", "DEFAULT_BUCKETS", "bucket_for",
-           "init_params", "pack_inputs"]
+           "init_params", "pack_inputs", "cast_matmul_weights"]
 
 # Total (prompt + new) token counts the flow is compiled for; a call is padded to the smallest
 # bucket that holds it. 7500 tokens = 15000 mel frames = upstream's noise buffer (300 s).
@@ -100,6 +100,32 @@ def init_params(cfg: FlowCV3Config, key=None, n_tokens: int = 8, abstract: bool 
             jnp.zeros((1, T, cfg.mel_dim)))
     init = lambda k: module.init(k, *args)["params"]  # noqa: E731
     return jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
+
+
+# kernels that run in the compute dtype; time MLP, AdaLN modulation and proj_out stay float32
+_LOW_PRECISION_KERNELS = {("estimator", "blocks", n) for n in ("to_q", "to_k", "to_v", "to_out", "ff_in", "ff_out")} | {
+    ("estimator", n) for n in ("input_proj", "conv_pos_1", "conv_pos_2")} | {
+    ("pre_lookahead_layer", n) for n in ("conv1", "conv2")}
+
+
+def cast_matmul_weights(params, dtype="bfloat16"):
+    """Store the compute-dtype matmul/conv kernels in `dtype` (halves their memory traffic).
+
+    Only kernels that `FlowCV3(dtype=...)` casts to `dtype` anyway are cast, so results equal running
+    with float32 params; biases, embeddings and float32 layers are left alone.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def visit(tree, path):
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out[k] = visit(v, path + (k,))
+            else:
+                out[k] = v.astype(dtype) if (k == "kernel" and path in _LOW_PRECISION_KERNELS) else v
+        return out
+
+    return visit(params, ())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "streaming", "n_timesteps", "dtype", "attention_impl",
