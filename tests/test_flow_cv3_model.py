@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from convert.registry import convert_component
 from cosyjax.config import ModelConfig
 from cosyjax.flow.cv3.config import FlowCV3Config
-from cosyjax.flow.cv3.model import FlowCV3, FlowInputError, flow_core, flow_inference
+from cosyjax.flow.cv3.model import FlowCV3, FlowInputError, cast_matmul_weights, flow_core, flow_inference
 from tests.conftest import GOLDEN, model_dir
 
 FLOW = os.path.join(GOLDEN, "cosyvoice3", "flow")
@@ -128,6 +128,12 @@ def test_bfloat16_close_to_float32(model, golden):
     bf16, _ = flow_inference(params, cfg, *_inputs(golden), streaming=False, finalize=True, dtype="bfloat16")
     assert bf16.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(bf16)))
     assert rel_l2(bf16, f32) < 5e-2
+    # storing the bf16-computed kernels in bf16 changes nothing but memory traffic
+    cast = cast_matmul_weights(params, "bfloat16")
+    assert cast["estimator"]["blocks"]["to_q"]["kernel"].dtype == jnp.bfloat16
+    assert cast["estimator"]["proj_out"]["kernel"].dtype == jnp.float32
+    same, _ = flow_inference(cast, cfg, *_inputs(golden), streaming=False, finalize=True, dtype="bfloat16")
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(bf16))
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
