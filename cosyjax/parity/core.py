@@ -63,7 +63,7 @@ def exact(version: str, component: str, output: str, got, want, note: str = "") 
                   note or "mismatching positions")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashable by identity: `params` below is lru-cached per context
 class FixtureContext:
     """One version's fixtures: `root/<version>/{modeldir,hift,flow,llm,e2e}` plus `root/common`."""
 
