@@ -189,10 +189,13 @@ def _pad_rows(rows, dtype):
     return out, np.array([len(r) for r in rows], np.int32)
 
 
-def _llm_rng(config: PipelineConfig, key, B: int):
+def _llm_draws(config: PipelineConfig, key, B: int):
+    """Sampling uniforms [B, max_new, 2] for the LLM program (greedy: unused placeholder)."""
+    from cosyjax.llm.sampling import uniforms_from_keys
+
     if config.sampling == "greedy":
         return jnp.zeros((B, 1, 2), jnp.float32)
-    return jax.random.split(key, B)
+    return uniforms_from_keys(jax.random.split(key, B), config.max_new)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -208,7 +211,7 @@ def synthesize(params, inputs: dict, key, config: PipelineConfig):
     k_llm, k_voc = jax.random.split(key)
     tokens, n_tok, _ = _generate_program(
         params["llm"], inputs["llm_ids"], inputs["llm_kind"], inputs["llm_start"], inputs["llm_min_len"],
-        inputs["llm_max_len"], _llm_rng(config, k_llm, B), cfg=config.llm, method=config.sampling,
+        inputs["llm_max_len"], _llm_draws(config, k_llm, B), cfg=config.llm, method=config.sampling,
         max_new=config.max_new, capacity=config.capacity)
     tokens = jnp.maximum(tokens, 0)
     tokens, n_tok = filter_silent_batch(tokens, n_tok, config.silent_tokens, MAX_SILENT_RUN)
@@ -332,7 +335,8 @@ class Engine:
             tokens=None, noise_provider=None, llm_hop: int = 16) -> Iterator[np.ndarray]:
         """`CosyVoice2Model.tts` for one model_input: yields float32 audio chunks [1, N].
 
-        tokens: use these LLM tokens instead of running the LLM (parity / tests).
+        tokens: LLM tokens to use instead of running the LLM (an array, or an iterable delivering ints /
+        int arrays over time); the silent-token filter still applies.
         """
         if key is None:
             key = jax.random.PRNGKey(0)
@@ -347,8 +351,8 @@ class Engine:
             if "text" not in mi:
                 raise PipelineInputError("model_input lacks text")
             silent = self.config.silent_tokens
-            if tokens is not None:
-                token_iter = [np.asarray(tokens).reshape(-1)]
+            if tokens is not None:  # an array, or any iterable of ints / int arrays (e.g. a recording LLM stream)
+                token_iter = [np.asarray(tokens).reshape(-1)] if isinstance(tokens, (np.ndarray, jax.Array)) else tokens
             elif stream:
                 token_iter = self.llm_stream(mi, k_llm, hop=llm_hop)
             else:
