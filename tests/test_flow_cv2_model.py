@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from convert.registry import convert_component
 from cosyjax.config import ModelConfig
 from cosyjax.flow.cv2.config import FlowCV2Config
-from cosyjax.flow.cv2.model import FlowCV2, FlowInputError, flow_core, flow_inference
+from cosyjax.flow.cv2.model import FlowCV2, FlowInputError, cast_matmul_weights, flow_core, flow_inference
 from cosyjax.flow.cv2.rel_attention import RelPositionMultiHeadedAttention, rel_pos_table, rel_shift
 from tests.conftest import GOLDEN, model_dir
 
@@ -228,6 +228,16 @@ def test_bfloat16_close_to_float32(model, golden):
     bf16, _ = flow_inference(params, cfg, *_inputs(golden), streaming=False, finalize=True, dtype="bfloat16")
     assert bf16.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(bf16)))
     assert rel_l2(bf16, _t(golden["nonstream__mel"])) < 5e-2
+    # pre-cast kernels give the same result (they are cast to bf16 inside anyway)
+    cast = cast_matmul_weights(params, "bfloat16")
+    assert cast["estimator"]["up_resnet"]["res_conv"]["kernel"].dtype == jnp.bfloat16
+    assert cast["estimator"]["final_proj"]["kernel"].dtype == jnp.float32
+    assert cast["encoder_proj"]["kernel"].dtype == jnp.float32
+    tok = np.concatenate([golden["prompt_token"], golden["token"]], axis=1)
+    n = np.array([tok.shape[1]], np.int32)
+    encode = jax.jit(lambda p: FlowCV2(cfg, jnp.bfloat16).apply({"params": p}, tok, n, n, False,
+                                                                 method=FlowCV2.encode)[1])
+    np.testing.assert_array_equal(np.asarray(encode(cast)), np.asarray(encode(params)))
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -31,7 +31,7 @@ from cosyjax.flow.cv2.unet import CausalConditionalDecoder
 from cosyjax.flow.masks import padding_mask
 
 __all__ = ["FlowCV2", "FlowInputError", "flow_inference", "flow_core", "DEFAULT_BUCKETS", "bucket_for",
-           "init_params", "pack_inputs"]
+           "init_params", "pack_inputs", "cast_matmul_weights"]
 
 # Total (prompt + new) token counts the flow is compiled for; a call is padded to the smallest
 # bucket that holds it. 7500 tokens = 15000 mel frames = upstream's noise buffer (300 s).
@@ -102,6 +102,26 @@ def init_params(cfg: FlowCV2Config, key=None, n_tokens: int = 8, abstract: bool 
             jnp.zeros((1, T, cfg.output_size)))
     init = lambda k: module.init(k, *args)["params"]  # noqa: E731
     return jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
+
+
+# estimator layers that compute in float32 whatever the compute dtype (time embedding, output projection)
+_FLOAT32_ESTIMATOR_LAYERS = ("time_mlp_linear_1", "time_mlp_linear_2", "final_proj")
+
+
+def cast_matmul_weights(params, dtype="bfloat16"):
+    """Store the compute-dtype matmul/conv kernels in `dtype` (halves their memory traffic).
+
+    Only kernels that `FlowCV2(dtype=...)` casts to `dtype` anyway are cast (every encoder and
+    estimator kernel except the estimator's time MLP and final projection), so results equal running
+    with float32 params; biases, norms, embeddings, pos_bias_u/v and the float32 layers stay as they are.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def visit(tree, low):
+        return {k: visit(v, low and k not in _FLOAT32_ESTIMATOR_LAYERS) if isinstance(v, dict)
+                else (v.astype(dtype) if low and k == "kernel" else v) for k, v in tree.items()}
+
+    return {k: visit(v, k in ("encoder", "estimator")) if isinstance(v, dict) else v for k, v in params.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "streaming", "n_timesteps", "dtype", "attention_impl",
