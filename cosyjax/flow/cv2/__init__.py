@@ -1,0 +1,1 @@
+"""CosyVoice2 flow: upsampling Conformer encoder + causal U-Net CFM estimator (`model.flow_inference`)."""
