@@ -162,3 +162,18 @@ def test_golden_e2e_llm_tokens(version):
     np.testing.assert_array_equal(np.asarray(g.tokens[0, :n]), ref["llm_tokens"])
     vals = np.asarray(g.logp_topk_values[0, : ref["llm_logp_top32_values"].shape[0]])
     assert np.max(np.abs(vals - ref["llm_logp_top32_values"])) < 1e-4
+
+
+def test_bfloat16_backbone_close_to_float32():
+    """bf16 weights/activations (f32 norms, softmax, RoPE tables and logits) stay close to f32."""
+    from cosyjax.llm.speech_lm import cast_params
+
+    params, cfg = _model("cosyvoice2")
+    z = np.load(os.path.join(GOLDEN, "cosyvoice2", "llm", "backbone.npz"))
+    xs = jnp.asarray(z["xs"])
+    _, ref = backbone_forward(params, cfg, xs)
+    cfg16 = cfg.replace(dtype="bfloat16")
+    h16, got = backbone_forward(cast_params(params, "bfloat16"), cfg16, xs)
+    assert h16.dtype == jnp.bfloat16 and got.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    assert rel < 3e-2, rel

@@ -29,19 +29,22 @@ _INIT = nn.initializers.normal(0.02)
 
 
 class Linear(nn.Module):
-    """x `[..., in]` -> `[..., out]`; kernel `[in, out]` (+ bias), computed in `dtype`."""
+    """x `[..., in]` -> `[..., out]`; kernel `[in, out]` (+ bias), inputs in `dtype`, result in
+    `out_dtype` (default `dtype`; 'float32' accumulates and returns float32, e.g. for the logits)."""
 
     features: int
     use_bias: bool = True
     dtype: str = "float32"
+    out_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x):
         dt = jnp.dtype(self.dtype)
+        ot = jnp.dtype(self.out_dtype or self.dtype)
         kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(x.astype(dt), kernel.astype(dt))
+        y = jnp.dot(x.astype(dt), kernel.astype(dt), preferred_element_type=ot).astype(ot)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dt)
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(ot)
         return y
 
 

@@ -54,7 +54,7 @@ class SpeechLM(nn.Module):
         self.speech_embedding = Embedding(c.speech_vocab_size, c.hidden_size, c.dtype)
         if c.has_llm_embedding:
             self.llm_embedding = Embedding(2, c.hidden_size, c.dtype)
-        self.llm_decoder = Linear(c.speech_vocab_size, c.decoder_bias, c.dtype)
+        self.llm_decoder = Linear(c.speech_vocab_size, c.decoder_bias, c.dtype, out_dtype="float32")
 
     def embed_prompt(self, ids, kind):
         """ids, kind `[B, L]` (see `build_prompt`) -> `[B, L, H]`; pad slots are zeros."""
