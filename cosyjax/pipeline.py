@@ -198,17 +198,20 @@ def _llm_draws(config: PipelineConfig, key, B: int):
     return uniforms_from_keys(jax.random.split(key, B), config.max_new)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def synthesize(params, inputs: dict, key, config: PipelineConfig):
     """The whole pipeline on a padded batch -> (wav [B, S] float32 (zero past wav_len), wav_len [B] int32).
 
     params: {'llm', 'flow', 'hift'} trees; inputs / config: from `prepare_inputs`; key: one jax key
     (split into per-row LLM keys and the vocoder noise key). S = flow bucket frames x 480 / speed.
+    Pure and traceable: wrap it in `jax.jit(..., static_argnames='config')` and/or `jax.vmap` (vmap
+    the plain function, as `synthesize_rows` does: CosyVoice3's f0 stage is traced in a local x64
+    context, which a vmap applied to an already-jitted wrapper would re-trace outside that context).
     """
     from cosyjax.llm.generate import _generate_program
 
     B = inputs["llm_ids"].shape[0]
     k_llm, k_voc = jax.random.split(key)
+    k_voc = jax.random.fold_in(k_voc, 0)  # = the Engine's first (and only) vocoder call of a request
     tokens, n_tok, _ = _generate_program(
         params["llm"], inputs["llm_ids"], inputs["llm_kind"], inputs["llm_start"], inputs["llm_min_len"],
         inputs["llm_max_len"], _llm_draws(config, k_llm, B), cfg=config.llm, method=config.sampling,
