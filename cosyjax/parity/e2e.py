@@ -155,7 +155,8 @@ def _llm_rows(ctx, engine, mi, rec, run, forced):
     return rows, toks
 
 
-def _run_rows(ctx: FixtureContext, run: str) -> list[Result]:
+def check_run(ctx: FixtureContext, run: str) -> list[Result]:
+    """Rows of one golden run ('nonstream', 'stream' or 'nonstream_forced_silence')."""
     import jax
 
     from cosyjax.streaming import filter_silent_tokens
@@ -212,5 +213,5 @@ def check(ctx: FixtureContext) -> list[Result]:
     rows: list[Result] = []
     for run in RUNS:
         if ctx.has("e2e", f"{run}.npz"):
-            rows.extend(_run_rows(ctx, run))
+            rows.extend(check_run(ctx, run))
     return rows
