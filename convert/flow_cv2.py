@@ -1,11 +1,16 @@
 """CosyVoice2 `flow.pt` (`CausalMaskedDiffWithXvec`) -> `cosyjax.flow.cv2.model.FlowCV2` parameters.
 
-Key layout: SPEC §8.3. Every width comes from the config (itself from the yaml), so the same code
+Key layout: SPEC §8.3. Repeated layers are stacked along a leading axis (the model `nn.scan`s them):
+`encoder.encoders` / `encoder.up_encoders` [n_layers, ...], `estimator.down_transformers` /
+`up_transformers` [n_blocks, ...], `estimator.mid_blocks` [num_mid, ...] (its `transformers`
+[num_mid, n_blocks, ...]). Every width comes from the config (itself from the yaml), so the same code
 converts the tiny golden checkpoint and the released 0.5B one; `StateDict.finish()` (run by the
 registry) lists every unknown / missing / mis-shaped key at once.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from convert.common import StateDict
@@ -18,6 +23,19 @@ __all__ = ["CHECKPOINT", "config_from", "convert", "convert_encoder", "convert_e
 
 def config_from(model_cfg) -> FlowCV2Config:
     return FlowCV2Config.from_model_config(model_cfg)
+
+
+def _stack(leaves):
+    if all(isinstance(a, np.ndarray) for a in leaves):
+        return np.stack(leaves)
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), jnp.dtype(leaves[0].dtype))
+
+
+def _stack_trees(trees: list) -> dict:
+    """Per-layer trees -> one tree with a leading layer axis (the model `nn.scan`s its layers)."""
+    if not trees:
+        raise ValueError("cannot stack zero layers")
+    return jax.tree_util.tree_map(lambda *xs: _stack(list(xs)), *trees)
 
 
 def _raw(sd: StateDict, key: str, shape: tuple):
@@ -58,10 +76,9 @@ def convert_encoder(sd: StateDict, c: EncoderCV2Config, prefix: str = "encoder")
         "up_embed": _linear_embed(sd, f"{prefix}.up_embed", c.input_size, d),
         "after_norm": sd.norm(f"{prefix}.after_norm", d),
     }
-    for i in range(c.num_blocks):
-        p[f"encoders_{i}"] = _conformer_layer(sd, f"{prefix}.encoders.{i}", c)
-    for i in range(c.num_up_blocks):
-        p[f"up_encoders_{i}"] = _conformer_layer(sd, f"{prefix}.up_encoders.{i}", c)
+    p["encoders"] = _stack_trees([_conformer_layer(sd, f"{prefix}.encoders.{i}", c) for i in range(c.num_blocks)])
+    p["up_encoders"] = _stack_trees([_conformer_layer(sd, f"{prefix}.up_encoders.{i}", c)
+                                     for i in range(c.num_up_blocks)])
     return p
 
 
@@ -104,13 +121,13 @@ def convert_estimator(sd: StateDict, u: UNetConfig, prefix: str = "decoder.estim
         "final_block": _causal_block(sd, f"{prefix}.final_block", C, C),
         "final_proj": sd.conv1d(f"{prefix}.final_proj", C, u.out_channels, 1),
     }
-    for i in range(u.n_blocks):
-        p[f"down_transformer_{i}"] = _transformer(sd, f"{prefix}.down_blocks.0.1.{i}", u)
-        p[f"up_transformer_{i}"] = _transformer(sd, f"{prefix}.up_blocks.0.1.{i}", u)
-    for j in range(u.num_mid_blocks):
-        p[f"mid_{j}_resnet"] = _resnet(sd, f"{prefix}.mid_blocks.{j}.0", C, C, E)
-        for i in range(u.n_blocks):
-            p[f"mid_{j}_transformer_{i}"] = _transformer(sd, f"{prefix}.mid_blocks.{j}.1.{i}", u)
+    stack = lambda block: _stack_trees([_transformer(sd, f"{block}.{i}", u) for i in range(u.n_blocks)])  # noqa: E731
+    p["down_transformers"] = stack(f"{prefix}.down_blocks.0.1")
+    p["up_transformers"] = stack(f"{prefix}.up_blocks.0.1")
+    if u.num_mid_blocks:
+        p["mid_blocks"] = _stack_trees([{"resnet": _resnet(sd, f"{prefix}.mid_blocks.{j}.0", C, C, E),
+                                         "transformers": stack(f"{prefix}.mid_blocks.{j}.1")}
+                                        for j in range(u.num_mid_blocks)])
     return p
 
 

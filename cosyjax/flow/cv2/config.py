@@ -142,6 +142,8 @@ class FlowCV2Config:
         if int(flow.get("input_size")) != encoder.input_size:
             raise FlowConfigError(f"flow input_size {flow.get('input_size')} != encoder input_size "
                                   f"{encoder.input_size}")
+        if encoder.num_blocks < 1:
+            raise FlowConfigError(f"encoder num_blocks {encoder.num_blocks}: need at least one conformer layer")
         channels = tuple(int(c) for c in est.get("channels", (256, 256)))
         if len(channels) != 1:
             raise FlowConfigError(f"CausalConditionalDecoder channels {channels}: only a single level "
@@ -159,6 +161,9 @@ class FlowCV2Config:
             num_heads=int(est.get("num_heads", 4)),
             static_chunk_size=int(est.get("static_chunk_size", 50)),
         )
+        if unet.n_blocks < 1 or unet.num_mid_blocks < 0:
+            raise FlowConfigError(f"estimator n_blocks {unet.n_blocks} / num_mid_blocks {unet.num_mid_blocks}: need "
+                                  "n_blocks >= 1 and num_mid_blocks >= 0")
         cfm = dec.get("cfm_params")
         cfm = dict(cfm.get("content", {})) if isinstance(cfm, YamlCall) else dict(cfm or {})
         output_size = int(flow.get("output_size", 80))

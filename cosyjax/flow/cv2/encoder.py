@@ -3,7 +3,8 @@
 tokens' embeddings x [B, T, D_in] (valid frames < `lengths`, including the look-ahead context when
 not finalizing) ->
   embed (Linear -> LayerNorm 1e-5 -> x sqrt(d)) -> PreLookaheadLayer -> N conformer layers
-  (block-causal chunk mask of `static_chunk_size` tokens when streaming)
+  (block-causal chunk mask of `static_chunk_size` tokens when streaming; layers are `nn.scan`ned, so
+  their parameters carry a leading layer axis)
   -> Upsample1D (nearest x2, left pad 4, Conv1d k=5) -> up_embed -> 4 conformer layers
   (chunk `static_chunk_size * stride` frames) -> after_norm
 -> h [B, stride*T, D], valid frames < stride * encoded_lengths.
@@ -47,14 +48,18 @@ class LinearEmbed(nn.Module):
 
 
 class ConformerLayer(nn.Module):
-    """Pre-norm `ConformerEncoderLayer` without macaron/conv: x += MHA(LN(x)); x += FFN(LN(x))."""
+    """Pre-norm `ConformerEncoderLayer` without macaron/conv: x += MHA(LN(x)); x += FFN(LN(x)).
+
+    (x [B, T, d], (pos_table [2T-1, d], mask)) -> (x, None), the `nn.scan` calling convention.
+    """
 
     cfg: EncoderCV2Config
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, pos_table, mask):
+    def __call__(self, x, ctx):
+        pos_table, mask = ctx
         c = self.cfg
         h = _layer_norm(c.layer_ln_eps, "norm_mha")(x).astype(self.dtype)
         x = x + RelPositionMultiHeadedAttention(c.attention_heads, c.output_size, self.dtype, self.attention_impl,
@@ -62,7 +67,14 @@ class ConformerLayer(nn.Module):
         h = _layer_norm(c.layer_ln_eps, "norm_ff")(x).astype(self.dtype)
         h = nn.Dense(c.linear_units, dtype=self.dtype, name="w_1")(h)
         h = nn.Dense(c.output_size, dtype=self.dtype, name="w_2")(nn.silu(h))
-        return x + h
+        return x + h, None
+
+
+def _conformer_stack(c: EncoderCV2Config, n: int, dtype, attention_impl: str, name: str) -> nn.Module:
+    """`n` ConformerLayers scanned over one parameter stack (leading axis n): one traced layer."""
+    stack = nn.scan(ConformerLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=nn.broadcast, length=n)
+    return stack(c, dtype, attention_impl, name=name)
 
 
 class EncoderUpsample1D(nn.Module):
@@ -106,8 +118,7 @@ class UpsampleConformerEncoder(nn.Module):
                               name="pre_lookahead_layer")(x)
         pos = rel_pos_table(T, c.output_size)
         mask = attention_mask(padding_mask(encoded_lengths, T), c.static_chunk_size if streaming else 0)
-        for i in range(c.num_blocks):
-            x = ConformerLayer(c, self.dtype, self.attention_impl, name=f"encoders_{i}")(x, pos, mask)
+        x, _ = _conformer_stack(c, c.num_blocks, self.dtype, self.attention_impl, "encoders")(x, (pos, mask))
 
         s = c.upsample_stride
         x = EncoderUpsample1D(c.upsample_channels, s, dtype=self.dtype, name="up_layer")(x)
@@ -116,7 +127,6 @@ class UpsampleConformerEncoder(nn.Module):
         x = LinearEmbed(c.output_size, c.embed_ln_eps, dtype=self.dtype, name="up_embed")(x)
         pos = rel_pos_table(Tu, c.output_size)
         mask = attention_mask(padding_mask(up_lengths, Tu), c.static_chunk_size * s if streaming else 0)
-        for i in range(c.num_up_blocks):
-            x = ConformerLayer(c, self.dtype, self.attention_impl, name=f"up_encoders_{i}")(x, pos, mask)
+        x, _ = _conformer_stack(c, c.num_up_blocks, self.dtype, self.attention_impl, "up_encoders")(x, (pos, mask))
         x = _layer_norm(c.after_norm_eps, "after_norm")(x)
         return x.astype(self.dtype), up_lengths

@@ -10,6 +10,9 @@ Single resolution level (CosyVoice2 has `channels = [C]`):
   mid:   num_mid x (CausalResnetBlock1D(C -> C), n x BasicTransformerBlock(C))
   up:    [h, skip] -> CausalResnetBlock1D(2C -> C), n x BasicTransformerBlock(C), CausalConv1d(C, k=3)
   final: CausalBlock1D(C -> C) -> Conv1d(C -> 80, k=1) -> x mask
+Repeated blocks are `nn.scan`ned (one traced copy; parameters carry leading block axes:
+`down_transformers` / `up_transformers` [n_blocks, ...], `mid_blocks` [num_mid, ...] with its
+`transformers` [num_mid, n_blocks, ...]).
 Attention masks: key padding, AND the block-causal chunk mask (50 frames) when streaming. Upstream
 adds a -1e10 bias for masked keys; here the same mask goes to `attention` as a boolean, which
 gives identical weights on every row that has a valid key and stays finite in any dtype.
@@ -27,7 +30,7 @@ from cosyjax.flow.masks import attention_mask
 from cosyjax.nn.attention import attention
 
 __all__ = ["sinusoidal_time_embedding", "mish", "CausalBlock1D", "CausalResnetBlock1D", "BasicTransformerBlock",
-           "CausalConditionalDecoder"]
+           "MidBlock", "CausalConditionalDecoder"]
 
 
 def mish(x):
@@ -85,7 +88,10 @@ class CausalResnetBlock1D(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Matcha block (self-attention only): x += Attn(LN1(x)); x += FF(LN3(x)). x [B, T, C] -> [B, T, C]."""
+    """Matcha block (self-attention only): x += Attn(LN1(x)); x += FF(LN3(x)).
+
+    (x [B, T, C], mask) -> (x, None), the `nn.scan` calling convention.
+    """
 
     dim: int
     num_heads: int
@@ -107,7 +113,30 @@ class BasicTransformerBlock(nn.Module):
         h = _layer_norm(self.eps, "norm3")(x).astype(self.dtype)
         h = nn.Dense(4 * self.dim, dtype=self.dtype, name="ff_proj")(h)
         h = jax.nn.gelu(h, approximate=False)
-        return x + nn.Dense(self.dim, dtype=self.dtype, name="ff_out")(h)
+        return x + nn.Dense(self.dim, dtype=self.dtype, name="ff_out")(h), None
+
+
+def _transformer_stack(c: UNetConfig, dtype, attention_impl: str, name: str) -> nn.Module:
+    """`c.n_blocks` BasicTransformerBlocks scanned over one parameter stack (leading axis n_blocks)."""
+    stack = nn.scan(BasicTransformerBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=nn.broadcast, length=c.n_blocks)
+    return stack(c.channels[0], c.num_heads, c.attention_head_dim, c.ln_eps, dtype, attention_impl, name=name)
+
+
+class MidBlock(nn.Module):
+    """CausalResnetBlock1D(C -> C) + n_blocks transformer blocks: (h, (m, temb, mask)) -> (h, None)."""
+
+    cfg: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, h, ctx):
+        m, temb, mask = ctx
+        c = self.cfg
+        h = CausalResnetBlock1D(c.channels[0], c.ln_eps, self.dtype, name="resnet")(h, m, temb)
+        h, _ = _transformer_stack(c, self.dtype, self.attention_impl, "transformers")(h, mask)
+        return h, None
 
 
 class CausalConditionalDecoder(nn.Module):
@@ -116,13 +145,6 @@ class CausalConditionalDecoder(nn.Module):
     cfg: UNetConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
-
-    def _transformers(self, h, mask, prefix: str):
-        c = self.cfg
-        for i in range(c.n_blocks):
-            h = BasicTransformerBlock(c.channels[0], c.num_heads, c.attention_head_dim, c.ln_eps, self.dtype,
-                                      self.attention_impl, name=f"{prefix}_transformer_{i}")(h, mask)
-        return h
 
     @nn.compact
     def __call__(self, x, mask, mu, t, spks, cond, streaming: bool = False):
@@ -147,17 +169,18 @@ class CausalConditionalDecoder(nn.Module):
         attn_mask = attention_mask(mask, c.static_chunk_size if streaming else 0)  # [B, 1, T|1, T]
 
         h = CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="down_resnet")(h, m, temb)
-        h = self._transformers(h, attn_mask, "down")
+        h, _ = _transformer_stack(c, self.dtype, self.attention_impl, "down_transformers")(h, attn_mask)
         skip = h
         h = _causal_conv(h * m, C, 3, self.dtype, "down_conv")
 
-        for j in range(c.num_mid_blocks):
-            h = CausalResnetBlock1D(C, c.ln_eps, self.dtype, name=f"mid_{j}_resnet")(h, m, temb)
-            h = self._transformers(h, attn_mask, f"mid_{j}")
+        if c.num_mid_blocks:
+            mids = nn.scan(MidBlock, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+                           length=c.num_mid_blocks)
+            h, _ = mids(c, self.dtype, self.attention_impl, name="mid_blocks")(h, (m, temb, attn_mask))
 
         h = jnp.concatenate([h, skip], axis=-1)
         h = CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="up_resnet")(h, m, temb)
-        h = self._transformers(h, attn_mask, "up")
+        h, _ = _transformer_stack(c, self.dtype, self.attention_impl, "up_transformers")(h, attn_mask)
         h = _causal_conv(h * m, C, 3, self.dtype, "up_conv")
 
         h = CausalBlock1D(C, c.ln_eps, self.dtype, name="final_block")(h, m)
