@@ -68,17 +68,21 @@ def test_golden_round_trip(tiny):
     np.testing.assert_array_equal(enc["encoders"]["self_attn"]["linear_pos"]["kernel"][1],
                                   sd["encoder.encoders.1.self_attn.linear_pos.weight"].T)
     np.testing.assert_array_equal(enc["encoders"]["w_1"]["bias"][0], sd["encoder.encoders.0.feed_forward.w_1.bias"])
-    np.testing.assert_array_equal(enc["up_layer"]["conv"]["kernel"], sd["encoder.up_layer.conv.weight"].transpose(2, 1, 0))
+    np.testing.assert_array_equal(enc["up_layer"]["conv"]["kernel"],
+                                  sd["encoder.up_layer.conv.weight"].transpose(2, 1, 0))
     np.testing.assert_array_equal(enc["pre_lookahead_layer"]["conv2"]["kernel"],
                                   sd["encoder.pre_lookahead_layer.conv2.weight"].transpose(2, 1, 0))
     p = "decoder.estimator"
     np.testing.assert_array_equal(est["mid_blocks"]["transformers"]["to_out"]["kernel"][1, 0],
                                   sd[f"{p}.mid_blocks.1.1.0.attn1.to_out.0.weight"].T)
-    np.testing.assert_array_equal(est["mid_blocks"]["resnet"]["mlp"]["kernel"][0], sd[f"{p}.mid_blocks.0.0.mlp.1.weight"].T)
-    np.testing.assert_array_equal(est["down_transformers"]["norm3"]["scale"][0], sd[f"{p}.down_blocks.0.1.0.norm3.weight"])
+    np.testing.assert_array_equal(est["mid_blocks"]["resnet"]["mlp"]["kernel"][0],
+                                  sd[f"{p}.mid_blocks.0.0.mlp.1.weight"].T)
+    np.testing.assert_array_equal(est["down_transformers"]["norm3"]["scale"][0],
+                                  sd[f"{p}.down_blocks.0.1.0.norm3.weight"])
     np.testing.assert_array_equal(est["up_resnet"]["block1"]["conv"]["kernel"],
                                   sd[f"{p}.up_blocks.0.0.block1.block.0.weight"].transpose(2, 1, 0))
-    np.testing.assert_array_equal(est["down_resnet"]["block2"]["norm"]["bias"], sd[f"{p}.down_blocks.0.0.block2.block.2.bias"])
+    np.testing.assert_array_equal(est["down_resnet"]["block2"]["norm"]["bias"],
+                                  sd[f"{p}.down_blocks.0.0.block2.block.2.bias"])
     np.testing.assert_array_equal(est["final_proj"]["kernel"], sd[f"{p}.final_proj.weight"].transpose(2, 1, 0))
     for leaf in jax.tree_util.tree_leaves(params):
         assert leaf.dtype == np.float32
