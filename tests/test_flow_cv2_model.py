@@ -3,6 +3,7 @@ golden parity, shapes/dtypes, bucketing (padding invariance, no recompilation), 
 bfloat16, random lengths, bad input."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -257,6 +258,31 @@ def test_lengths_give_finite_outputs(model, n_new, n_prompt, streaming, finalize
     m = np.asarray(mel)
     assert np.all(np.isfinite(m))
     assert np.all(m[:, want_len:] == 0) and np.any(m[:, :want_len] != 0)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 40), min_size=2, max_size=2), streaming=st.booleans(),
+       t=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 16))
+def test_estimator_masks_give_finite_zero_padded_outputs(model, lengths, streaming, t, seed):
+    """Any key-padding mask (even an empty row) gives finite outputs that are zero on padded frames
+    and independent of what the padded frames hold."""
+    cfg, params = model
+    rng = np.random.default_rng(seed)
+    T = 40
+    x, mu, cond = (jnp.asarray(rng.normal(size=(2, T, 80)).astype(np.float32)) for _ in range(3))
+    spks = jnp.asarray(rng.normal(size=(2, 80)).astype(np.float32))
+    mask = np.arange(T)[None, :] < np.array(lengths)[:, None]
+    got = _estimate(params, cfg, x, jnp.asarray(mask), mu, jnp.full((2,), t), spks, cond, streaming)
+    g = np.asarray(got)
+    assert np.all(np.isfinite(g)) and np.all(g[~mask] == 0)
+    junk = jnp.where(jnp.asarray(mask)[..., None], x, 1e4)
+    again = np.asarray(_estimate(params, cfg, junk, jnp.asarray(mask), mu, jnp.full((2,), t), spks, cond, streaming))
+    np.testing.assert_allclose(again, g, atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "streaming"))
+def _estimate(params, cfg, x, mask, mu, t, spks, cond, streaming):
+    return FlowCV2(cfg).apply({"params": params}, x, mask, mu, t, spks, cond, streaming, method=FlowCV2.estimate)
 
 
 @needs_golden
