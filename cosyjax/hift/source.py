@@ -15,11 +15,10 @@ f0 [B, T] (Hz per mel frame) -> source s [B, T*U] (U = 480 samples per frame):
    (1-uv)*0.1/3; s = tanh(Linear(9->1)(sines*uv + amp*noise)).
 
 Noise: CV2 draws N(0,1) [B, L, 9] at every call; CV3 reads a fixed U[0,1) buffer by absolute sample
-position (same rows for every batch item). `default_noise` makes either from a JAX key, block by
-block (one block per mel frame, `fold_in(key, frame)`), so a sample's noise does not depend on how
-long the call is (streaming re-runs see the same prefix). The CV3 default key is
-`jax.random.key(CV3_SINE_NOISE_SEED)`; it cannot equal upstream's torch buffer, so parity tests
-inject upstream's values.
+position (same rows for every batch item). `default_noise` makes either from a JAX key such that a
+sample's noise does not depend on how long the call is (streaming re-runs see the same prefix). The CV3 default key is
+`jax.random.key(CV3_SINE_NOISE_SEED)`; it cannot equal upstream's torch buffer (itself an unseeded
+`torch.rand` at construction), so parity tests inject upstream's values.
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ __all__ = ["CV3_SINE_NOISE_SEED", "SourceModuleHnNSF", "default_noise", "exact_d
            "linear_upsample", "nearest_upsample", "sine_phase"]
 
 CV3_SINE_NOISE_SEED = 0
-"""Seed of the CV3 default fixed noise buffer: frame f uses `uniform(fold_in(key(seed), f), (U, 9))`."""
+"""Seed of the CV3 default fixed noise buffer: `uniform(key(seed), (L, 9))` (partitionable threefry)."""
 
 
 def exact_div(x, divisor: float):
@@ -140,24 +139,29 @@ def sine_phase(f0, cfg: HiFTConfig, lengths=None):
 def default_noise(cfg: HiFTConfig, key, batch: int, frames: int):
     """Noise for `frames` mel frames: CV2 N(0,1) [B, frames*U, H]; CV3 U[0,1) [1, frames*U, H].
 
-    Block f (samples f*U..f*U+U-1) comes from `fold_in(key, f)` (CV2: `fold_in(fold_in(key, b), f)`),
-    so a sample's value does not depend on `frames`. CV3 with key=None uses `CV3_SINE_NOISE_SEED`.
+    Prefix-stable: sample n's value does not depend on `frames` (streaming re-runs see the same
+    prefix). With partitionable threefry (a counter hash of the flat index; forced locally) one draw
+    of [L, H] is prefix-stable along L; without that switch (older jax) block f of U samples comes
+    from `fold_in(key, f)`. CV2 example b uses `fold_in(key, b)`. CV3 with key=None uses
+    `CV3_SINE_NOISE_SEED`.
     """
     u, h = cfg.upsample_scale, cfg.num_harmonics
     if key is None:
         if not cfg.causal:
             raise ValueError("CosyVoice2 HiFT draws Gaussian noise at every call: pass a jax.random key or noise")
         key = jax.random.key(CV3_SINE_NOISE_SEED)
-    idx = jnp.arange(frames)
+    draw = jax.random.uniform if cfg.causal else jax.random.normal
+
+    def one(k):  # [frames*U, H]
+        if hasattr(jax, "threefry_partitionable"):
+            with jax.threefry_partitionable(True):
+                return draw(k, (frames * u, h), jnp.float32)
+        blocks = jax.vmap(lambda f: draw(jax.random.fold_in(k, f), (u, h), jnp.float32))(jnp.arange(frames))
+        return blocks.reshape(frames * u, h)
+
     if cfg.causal:
-        blocks = jax.vmap(lambda f: jax.random.uniform(jax.random.fold_in(key, f), (u, h), jnp.float32))(idx)
-        return blocks.reshape(1, frames * u, h)
-
-    def per_example(bk):
-        return jax.vmap(lambda f: jax.random.normal(jax.random.fold_in(bk, f), (u, h), jnp.float32))(idx)
-
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
-    return jax.vmap(per_example)(keys).reshape(batch, frames * u, h)
+        return one(key)[None]
+    return jnp.stack([one(jax.random.fold_in(key, b)) for b in range(batch)])
 
 
 class SourceModuleHnNSF(nn.Module):

@@ -101,7 +101,8 @@ def _overlap_add(frames, hop: int):
 def istft(real, imag, n_fft: int, hop: int, frame_lengths=None):
     """(real, imag) [B, F, bins] -> [B, hop*(F-1)] (torch.istft center=True, window Hann periodic).
 
-    frame_lengths: valid frames per example ([B] int); samples past `hop*(valid-1)` come out as 0.
+    frame_lengths: valid frames per example ([B] int): later frames are left out of the overlap-add,
+    so samples before `hop*(valid-1)` equal an unpadded call's; from `hop*(valid-1) + n_fft/2` on they are 0.
     """
     b, f, bins = real.shape
     spec = jnp.concatenate([real, imag], axis=-1).astype(jnp.float32)

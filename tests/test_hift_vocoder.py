@@ -1,0 +1,156 @@
+"""HiFT vocoder API: golden parity through `vocode`, bucketing without recompilation, exact padding,
+CV2 cache_source, CV3 finalize=False, any length 1..300, and input errors.
+
+Compilation dominates on CPU: every `vocode` call here uses the single bucket in BUCKETS, the golden
+runs use the exact length (48), and CV2 adds one B=2 batch (with and without cache_source).
+"""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convert.registry import convert_component
+from cosyjax.config import ModelConfig
+from cosyjax.hift.config import HiFTConfig
+from cosyjax.hift.vocoder import (HiFTInputError, TRACE_COUNTS, _wave_jit, bucket_length, device_params,
+                                  hift_inference, vocode)
+from cosyjax.parity.core import rel_l2
+from tests.conftest import GOLDEN, model_dir
+
+VERSIONS = ("cosyvoice2", "cosyvoice3")
+BUCKETS = (320,)
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for v in VERSIONS:
+        cfg = HiFTConfig.from_model_config(ModelConfig.from_dir(model_dir(v)))
+        host = convert_component("hift", ModelConfig.from_dir(model_dir(v)))
+        out[v] = (cfg, device_params(host, cfg), host)
+    return out
+
+
+def _golden(v):
+    with np.load(f"{GOLDEN}/{v}/hift/inference.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _noise(z):
+    return z["sinegen_uniform_noise"] if "sinegen_uniform_noise" in z else z["sinegen_noise"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_wav(models, version):
+    """fixture: <v>/hift/inference.npz (mel (1,80,48) -> wav, source; CV3 also finalize=False)."""
+    cfg, params, _ = models[version]
+    z = _golden(version)
+    mel = z["mel"].transpose(0, 2, 1)
+    wav, source = hift_inference(params, cfg, mel, noise=_noise(z), rand_ini=z["sinegen_rand_ini"])
+    chex.assert_shape(wav, (1, mel.shape[1] * 480))
+    chex.assert_type([wav, source], jnp.float32)
+    assert rel_l2(wav, z["wav"]) < 1e-4
+    assert rel_l2(source, z["source"][:, 0]) < 1e-4
+    if cfg.causal:
+        wav_ff, src_ff = hift_inference(params, cfg, mel, noise=_noise(z), finalize=False)
+        chex.assert_shape([wav_ff, src_ff], [z["wav_finalize_false"].shape, (1, (mel.shape[1] - 3) * 480)])
+        assert rel_l2(wav_ff, z["wav_finalize_false"]) < 1e-4
+        assert rel_l2(src_ff, z["source_finalize_false"][:, 0]) < 1e-4
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_new_length_in_a_bucket_does_not_recompile_and_padding_is_exact(models, version):
+    cfg, params, _ = models[version]
+    rng = np.random.RandomState(0)
+    mel = (rng.randn(1, 63, 80) * 2 - 5).astype(np.float32)
+    key = jax.random.key(1)
+    vocode(params, cfg, mel[:, :40], key=key, buckets=BUCKETS)
+    before, cache = dict(TRACE_COUNTS), _wave_jit._cache_size()
+    wav, _ = vocode(params, cfg, mel[:, :50], key=key, buckets=BUCKETS)
+    wav2, _ = vocode(params, cfg, mel, key=key, buckets=BUCKETS)
+    if cfg.causal:
+        vocode(params, cfg, mel, key=key, finalize=False, buckets=BUCKETS)  # finalize is traced, not static
+    assert dict(TRACE_COUNTS) == before and _wave_jit._cache_size() == cache
+    assert wav.shape == (1, 50 * 480) and wav2.shape == (1, 63 * 480)
+    # the padded (bucket 320) call equals the exact-length call, masks and reflections included
+    z = _golden(version)
+    exact, _ = hift_inference(params, cfg, z["mel"].transpose(0, 2, 1), noise=_noise(z))
+    padded, _ = vocode(params, cfg, z["mel"].transpose(0, 2, 1), noise=_noise(z), buckets=BUCKETS)
+    np.testing.assert_allclose(padded, exact, atol=2e-5)
+
+
+def test_cv2_batch_lengths_and_cache_source(models):
+    cfg, params, _ = models["cosyvoice2"]
+    rng = np.random.RandomState(2)
+    mel = (rng.randn(2, 30, 80) * 2 - 5).astype(np.float32)
+    noise = rng.randn(2, 30 * 480, 9).astype(np.float32)
+    wav, src = vocode(params, cfg, mel, noise=noise, lengths=[30, 17], buckets=BUCKETS)
+    one, one_src = vocode(params, cfg, mel[1:, :17], noise=noise[1:, :17 * 480], buckets=BUCKETS)
+    np.testing.assert_allclose(wav[1, :17 * 480], one[0], atol=2e-5)
+    np.testing.assert_allclose(src[1, :17 * 480], one_src[0], atol=1e-5)
+    assert not np.any(np.asarray(wav)[1, 17 * 480:])
+    cache = (rng.rand(2, 1, 3840).astype(np.float32) - 0.5) * 0.2  # upstream layout [B, 1, C]
+    wav_c, src_c = vocode(params, cfg, mel, noise=noise, cache_source=cache, buckets=BUCKETS)
+    wav_n, src_n = vocode(params, cfg, mel, noise=noise, buckets=BUCKETS)
+    np.testing.assert_array_equal(src_c[:, :3840], cache[:, 0])  # upstream: s[:, :, :C] = cache_source
+    np.testing.assert_array_equal(src_c[:, 3840:], src_n[:, 3840:])
+    assert rel_l2(wav_c[:, :3000], wav_n[:, :3000]) > 1e-3
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(t=st.integers(1, 300), version=st.sampled_from(VERSIONS), finalize=st.booleans(), seed=st.integers(0, 99))
+def test_any_length_gives_t_times_480_finite_clamped_samples(models, t, version, finalize, seed):
+    cfg, params, _ = models[version]
+    finalize = finalize or not cfg.causal or t <= cfg.finalize_false_trim
+    mel = (np.random.RandomState(seed).randn(1, t, 80) * 2 - 5).astype(np.float32)
+    wav, source = vocode(params, cfg, mel, finalize=finalize, key=jax.random.key(seed), buckets=BUCKETS)
+    n = t if finalize else t - cfg.finalize_false_trim
+    chex.assert_shape(wav, (1, n * 480))
+    chex.assert_shape(source, (1, (t if finalize else t - cfg.f0_lookahead) * 480))
+    chex.assert_tree_all_finite((wav, source))
+    assert float(jnp.max(jnp.abs(wav))) <= np.float32(cfg.audio_limit)
+    assert float(jnp.max(jnp.abs(source))) < 1.0
+
+
+def test_bucket_length():
+    assert bucket_length(1) == 16 and bucket_length(16) == 16 and bucket_length(17) == 32
+    assert bucket_length(5000) == 8192 and bucket_length(100, (64, 320)) == 320 and bucket_length(700, (320,)) == 960
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_bad_inputs_are_named(models, version):
+    cfg, params, _ = models[version]
+    mel = np.zeros((1, 20, 80), np.float32)
+    with pytest.raises(HiFTInputError, match="transpose to"):
+        vocode(params, cfg, np.zeros((1, 80, 20), np.float32))
+    with pytest.raises(HiFTInputError, match="last axis.*expects 80"):
+        vocode(params, cfg, np.zeros((1, 20, 100), np.float32))
+    with pytest.raises(HiFTInputError, match="mel is empty"):
+        vocode(params, cfg, np.zeros((1, 0, 80), np.float32))
+    with pytest.raises(HiFTInputError, match=r"must be \[B, T, 80\]"):
+        vocode(params, cfg, np.zeros((20, 80), np.float32))
+    with pytest.raises(HiFTInputError, match="floating point"):
+        vocode(params, cfg, np.zeros((1, 20, 80), np.int32))
+    with pytest.raises(HiFTInputError, match="noise must be"):
+        vocode(params, cfg, mel, noise=np.zeros((1, 100, 9), np.float32))
+    with pytest.raises(HiFTInputError, match="lengths must be"):
+        vocode(params, cfg, mel, lengths=[21])
+    with pytest.raises(HiFTInputError, match="rand_ini must be"):
+        vocode(params, cfg, mel, rand_ini=np.zeros((1, 8)))
+    with pytest.raises(HiFTInputError, match="params must be the HiFT tree"):
+        vocode({"conv_pre": {}}, cfg, mel)
+    if cfg.causal:
+        with pytest.raises(HiFTInputError, match="more than 8 mel frames"):
+            vocode(params, cfg, mel[:, :8], finalize=False)
+        with pytest.raises(HiFTInputError, match="cache_source is a CosyVoice2"):
+            vocode(params, cfg, mel, cache_source=np.zeros((1, 3840), np.float32))
+    else:
+        with pytest.raises(HiFTInputError, match="finalize=False exists only for CosyVoice3"):
+            vocode(params, cfg, mel, finalize=False)
+        with pytest.raises(HiFTInputError, match="cache_source must be"):
+            vocode(params, cfg, mel, cache_source=np.zeros((1, 20 * 480 + 1), np.float32))
