@@ -262,12 +262,17 @@ def pack_inputs(cfg: FlowCV2Config, token, token_len, prompt_token, prompt_token
                 lookahead=lookahead, cond=cond, embedding=embedding.astype(np.float32), noise=noise_arr)
 
 
-@functools.lru_cache(maxsize=8)
-def _seed0_noise(T: int, n_mels: int):
-    """Upstream's seed-0 `rand_noise[:, :, :T]` as a cached device array [1, T, n_mels]."""
+def _seed0_noise_np(T: int, n_mels: int) -> np.ndarray:
+    """Upstream's seed-0 `rand_noise[:, :, :T]`, time-major: float32 [1, T, n_mels] (numpy)."""
     from cosyjax.flow.noise import cfm_noise
 
-    return jnp.asarray(np.ascontiguousarray(cfm_noise(T, n_mels)[0].T[None]))
+    return np.ascontiguousarray(cfm_noise(T, n_mels)[0].T[None])
+
+
+@functools.lru_cache(maxsize=8)
+def _seed0_noise(T: int, n_mels: int):
+    """`_seed0_noise_np` as a cached device array [1, T, n_mels]."""
+    return jnp.asarray(_seed0_noise_np(T, n_mels))
 
 
 def flow_inference(params, cfg: FlowCV2Config, token, token_len, prompt_token, prompt_token_len, prompt_feat,
