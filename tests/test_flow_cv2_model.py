@@ -321,3 +321,19 @@ def test_bad_inputs_raise_clear_errors(model, golden):
         call(noise=np.zeros((1, 100, 80), np.float32))
     with pytest.raises(FlowInputError, match="noise buffer"):
         call(token=np.zeros((1, 7600), np.int32), token_len=np.array([7600], np.int32))
+
+
+def test_module_interface_matches_cv3():
+    """The pipeline picks the flow module by version and uses the same names on both."""
+    import cosyjax.flow.cv2.model as cv2
+    import cosyjax.flow.cv3.model as cv3
+    from cosyjax.flow.noise import cfm_noise
+
+    for name in ("flow_inference", "flow_core", "pack_inputs", "bucket_for", "init_params", "cast_matmul_weights",
+                 "DEFAULT_BUCKETS", "FlowInputError", "_seed0_noise_np"):
+        assert hasattr(cv2, name) and hasattr(cv3, name), name
+    assert cv2.DEFAULT_BUCKETS == cv3.DEFAULT_BUCKETS
+    np.testing.assert_array_equal(cv2._seed0_noise_np(37, 80), np.swapaxes(cfm_noise(37), 1, 2))
+    assert cv2.bucket_for(65) == 128
+    with pytest.raises(FlowInputError, match="largest bucket"):
+        cv2.bucket_for(10 ** 6)
