@@ -114,9 +114,10 @@ def test_batch_rows_match_single_calls(model, golden):
                                   2 * prompt_token_len, emb2, streaming=True, finalize=True)
     for b in range(2):
         p, n = int(prompt_token_len[b]), int(token_len[b])
-        one, one_len = flow_inference(params, cfg, token[b:b + 1, :n], token_len[b:b + 1], prompt_token[b:b + 1, :p],
-                                      prompt_token_len[b:b + 1], prompt_feat[b:b + 1, :2 * p], 2 * prompt_token_len[b:b + 1],
-                                      emb2[b:b + 1], streaming=True, finalize=True)
+        row = slice(b, b + 1)
+        one, one_len = flow_inference(params, cfg, token[row, :n], token_len[row], prompt_token[row, :p],
+                                      prompt_token_len[row], prompt_feat[row, :2 * p], 2 * prompt_token_len[row],
+                                      emb2[row], streaming=True, finalize=True)
         assert int(mel_len[b]) == int(one_len[0]) == 2 * n
         np.testing.assert_allclose(np.asarray(mel)[b, :2 * n], np.asarray(one)[0], atol=2e-5)
         np.testing.assert_array_equal(np.asarray(mel)[b, 2 * n:], 0.0)

@@ -220,7 +220,8 @@ def pack_inputs(cfg: FlowCV3Config, token, token_len, prompt_token, prompt_token
             f"prompt_feat_len {prompt_feat_len.tolist()} must be {r} x prompt_token_len {prompt_token_len.tolist()} "
             "(upstream's frontend trims prompt tokens and mel to match: token_len = min(feat_len // 2, n_tokens))")
     if np.any(prompt_feat_len > prompt_feat.shape[1]):
-        raise FlowInputError(f"prompt_feat_len {prompt_feat_len.tolist()} exceeds prompt_feat width {prompt_feat.shape[1]}")
+        raise FlowInputError(f"prompt_feat_len {prompt_feat_len.tolist()} exceeds prompt_feat width "
+                             f"{prompt_feat.shape[1]}")
     L = cfg.pre_lookahead_len
     if not finalize and np.any(token_len <= L):
         raise FlowInputError(f"finalize=False needs more than pre_lookahead_len={L} new tokens (the last {L} are "
@@ -237,8 +238,8 @@ def pack_inputs(cfg: FlowCV3Config, token, token_len, prompt_token, prompt_token
     n_tokens = prompt_token_len + token_len
     max_tokens = cfg.noise_frames // r
     if n_tokens.max() > max_tokens:
-        raise FlowInputError(f"{int(n_tokens.max())} tokens (prompt + new) = {int(n_tokens.max()) * r} mel frames exceed "
-                             f"upstream's fixed noise buffer of {cfg.noise_frames} frames")
+        raise FlowInputError(f"{int(n_tokens.max())} tokens (prompt + new) = {int(n_tokens.max()) * r} mel frames "
+                             f"exceed upstream's fixed noise buffer of {cfg.noise_frames} frames")
     N = bucket_for(int(n_tokens.max()), buckets)
     T = N * r
     tokens = np.zeros((B, N), np.int32)
