@@ -28,8 +28,9 @@ def test_golden_round_trip(version):
     assert compare_trees(params, abstract_params(cfg)) == []
     sd = load_state_dict(mc.path("llm.pt"))
     q = "llm.model.model.layers.1.self_attn"
-    np.testing.assert_array_equal(params["llm"]["layers_1"]["self_attn"]["k_proj"]["kernel"], sd[f"{q}.k_proj.weight"].T)
-    np.testing.assert_array_equal(params["llm"]["layers_1"]["self_attn"]["k_proj"]["bias"], sd[f"{q}.k_proj.bias"])
+    attn = params["llm"]["layers_1"]["self_attn"]
+    np.testing.assert_array_equal(attn["k_proj"]["kernel"], sd[f"{q}.k_proj.weight"].T)
+    np.testing.assert_array_equal(attn["k_proj"]["bias"], sd[f"{q}.k_proj.bias"])
     np.testing.assert_array_equal(params["llm"]["embed_tokens"]["embedding"], sd["llm.model.model.embed_tokens.weight"])
     np.testing.assert_array_equal(params["llm"]["norm"]["scale"], sd["llm.model.model.norm.weight"])
     np.testing.assert_array_equal(params["llm_decoder"]["kernel"], sd["llm_decoder.weight"].T)
