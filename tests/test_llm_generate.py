@@ -147,6 +147,12 @@ def test_min_len_masking_modes():
     assert int(n[0]) == 0
     _, n = G.generate(with_bias(6562), cfg.replace(min_len_mask="stop_set"), *args, **kw, min_len=5)
     assert int(n[0]) == 5
+    # per-row stop in a batch: each row ends on eos right after its own min_len
+    rows = _three_rows("cosyvoice2")
+    (t, tl), (pt, ptl), (ps, psl) = _pad(rows, 0), _pad(rows, 1), _pad(rows, 2)
+    toks, n = G.generate(with_bias(6561), cfg, t, tl, pt, ptl, ps, psl, sampling="greedy", min_len=[3, 7, 5])
+    assert np.asarray(n).tolist() == [3, 7, 5]
+    assert np.all(np.asarray(toks)[0, 3:] == -1) and np.all(np.asarray(toks)[1, :7] >= 0)
 
 
 @pytest.mark.parametrize("version", ["cosyvoice2", "cosyvoice3"])
