@@ -117,7 +117,7 @@ def vocode_core(hift_params, cfg, mel, mel_len, key):
 # the jittable batched core
 
 def prepare_inputs(config: PipelineConfig, model_inputs: Sequence[dict], keys=None, *, speed: float = 1.0,
-                   max_len=None) -> tuple[dict, PipelineConfig]:
+                   max_len=None, min_len=None) -> tuple[dict, PipelineConfig]:
     """Host side: pack upstream-style model_input dicts into the padded arrays `synthesize` takes.
 
     Returns (inputs, config with the static sizes of this batch). keys: one jax key per row (only
@@ -148,7 +148,7 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence[dict], keys=No
     pt_a, pt_l = pad(ptext, np.int32)
     ps_a, ps_l = pad(pspeech, np.int32)
     p = prepare(config.llm, text_a, text_l, pt_a, pt_l, ps_a, ps_l, key=jax.random.PRNGKey(0),
-                sampling=config.sampling, max_len=max_len)
+                sampling=config.sampling, max_len=max_len, min_len=min_len)
     # flow bucket: prompt + every token the LLM may produce
     flow_mod = _flow_module(config.version)
     P = np.array([len(r) for r in ftok])
@@ -269,11 +269,11 @@ class Engine:
                            sampling=self.config.sampling, **kw)
         return np.asarray(toks)[0, :int(n[0])]
 
-    def llm_stream(self, mi: dict, key, hop: int = 16) -> Iterator[np.ndarray]:
+    def llm_stream(self, mi: dict, key, hop: int = 16, **kw) -> Iterator[np.ndarray]:
         from cosyjax.llm.generate import generate_stream
 
         for rows in generate_stream(self.params["llm"], self.config.llm, **self._llm_args(mi), key=key,
-                                    sampling=self.config.sampling, hop=hop):
+                                    sampling=self.config.sampling, hop=hop, **kw):
             yield rows[0]
 
     # ---- flow --------------------------------------------------------------------------------
@@ -335,11 +335,13 @@ class Engine:
 
     # ---- one request ---------------------------------------------------------------------------
     def tts(self, mi: dict, *, stream: bool = False, speed: float = 1.0, key=None, records: Optional[list] = None,
-            tokens=None, noise_provider=None, llm_hop: int = 16) -> Iterator[np.ndarray]:
+            tokens=None, noise_provider=None, llm_hop: int = 16, llm_kwargs: Optional[dict] = None
+            ) -> Iterator[np.ndarray]:
         """`CosyVoice2Model.tts` for one model_input: yields float32 audio chunks [1, N].
 
         tokens: LLM tokens to use instead of running the LLM (an array, or an iterable delivering ints /
         int arrays over time); the silent-token filter still applies.
+        llm_kwargs: extra `generate` arguments (e.g. min_len / max_len).
         """
         if key is None:
             key = jax.random.PRNGKey(0)
@@ -357,9 +359,9 @@ class Engine:
             if tokens is not None:  # an array, or any iterable of ints / int arrays (e.g. a recording LLM stream)
                 token_iter = [np.asarray(tokens).reshape(-1)] if isinstance(tokens, (np.ndarray, jax.Array)) else tokens
             elif stream:
-                token_iter = self.llm_stream(mi, k_llm, hop=llm_hop)
+                token_iter = self.llm_stream(mi, k_llm, hop=llm_hop, **(llm_kwargs or {}))
             else:
-                token_iter = [self.llm_tokens(mi, k_llm)]
+                token_iter = [self.llm_tokens(mi, k_llm, **(llm_kwargs or {}))]
         t2w = make_token2wav(self.config.version, self.flow_fn(mi), self.vocoder_fn(k_voc, noise_provider),
                              self.config.stream)
         P = _row(mi.get("flow_prompt_speech_token")).size
@@ -368,12 +370,12 @@ class Engine:
 
     # ---- batch -----------------------------------------------------------------------------------
     def synthesize_batch(self, model_inputs: Sequence[dict], keys, speed: float = 1.0,
-                         max_len=None) -> list[np.ndarray]:
+                         max_len=None, min_len=None) -> list[np.ndarray]:
         """Non-streaming synthesis of many model_inputs with the jitted core -> list of float32 [1, N].
 
         Each row uses `keys[i]`: rows give the audio they would give alone in a batch of one.
         """
-        inputs, cfg = prepare_inputs(self.config, model_inputs, speed=speed, max_len=max_len)
+        inputs, cfg = prepare_inputs(self.config, model_inputs, speed=speed, max_len=max_len, min_len=min_len)
         wav, wav_len = synthesize_rows(self.params, inputs, jnp.stack([jnp.asarray(k) for k in keys]), cfg)
         wav, wav_len = np.asarray(wav), np.asarray(wav_len)
         outs = []
