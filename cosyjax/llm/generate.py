@@ -33,6 +33,10 @@ tokens, lengths = generate(params, cfg, text, text_len=None, prompt_text=None, p
 jitted chunk of up to `hop` decode steps (the KV cache stays on device) and yields a list of B
 numpy int32 arrays with the tokens each row produced in that chunk (empty once a row has stopped).
 
+The flow gets upstream `llm_job`'s silent-token-filtered tokens: apply
+`speech_lm.filter_silent_tokens(cfg, tokens[b, :lengths[b]])` (cosyvoice3; a no-op for cosyvoice2).
+Text arriving as a stream: `cosyjax.llm.bistream.generate_bistream`.
+
 Batching and compilation: rows of different lengths are left-padded into one call; every row gets
 exactly the tokens it would get alone (per-row keys, per-row min/max length and stop). Prompt
 length and max_len are rounded up to buckets (`bucket_length`), so prompts of another length in the
