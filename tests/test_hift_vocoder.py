@@ -18,7 +18,7 @@ from convert.registry import convert_component
 from cosyjax.config import ModelConfig
 from cosyjax.hift.config import HiFTConfig
 from cosyjax.hift.vocoder import (HiFTInputError, TRACE_COUNTS, _wave_jit, bucket_length, device_params,
-                                  hift_inference, vocode)
+                                  hift_inference, vocode, vocode_padded)
 from cosyjax.parity.core import rel_l2
 from tests.conftest import GOLDEN, model_dir
 
@@ -76,6 +76,12 @@ def test_new_length_in_a_bucket_does_not_recompile_and_padding_is_exact(models, 
     if cfg.causal:
         vocode(params, cfg, mel, key=key, finalize=False, buckets=BUCKETS)  # finalize is traced, not static
     assert dict(TRACE_COUNTS) == before and _wave_jit._cache_size() == cache
+    # the device-side entry point on the same padded shapes reuses the traced programs
+    padded_mel = jnp.pad(jnp.asarray(mel), ((0, 0), (0, BUCKETS[0] - 63), (0, 0)))
+    wav3, _ = vocode_padded(params, cfg, padded_mel, jnp.array([63]), key=key)
+    assert wav3.shape == (1, BUCKETS[0] * 480) and not np.any(np.asarray(wav3)[:, 63 * 480:])
+    np.testing.assert_array_equal(wav3[:, :63 * 480], wav2)
+    assert dict(TRACE_COUNTS) == before
     assert wav.shape == (1, 50 * 480) and wav2.shape == (1, 63 * 480)
     # the padded (bucket 320) call equals the exact-length call, masks and reflections included
     z = _golden(version)

@@ -80,8 +80,13 @@ def device_params(params, cfg: HiFTConfig):
     return {"f0_predictor": f0, **rest}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
 def _stage_f0(f0_params, mel, lengths, f0=None, *, cfg: HiFTConfig):
+    """Jitted stage 1 (`_f0_jit`), arguments normalised so that every caller shares one cache entry."""
+    return _f0_jit(f0_params, mel, lengths, f0, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _f0_jit(f0_params, mel, lengths, f0, *, cfg: HiFTConfig):
     """(f0 params, mel [B, T, 80], lengths [B], f0 or None) -> f0 [B, T] f32, phase [B, T*480, 9] f32.
 
     Call under x64. A given `f0` (parity: upstream's recorded f0) skips the predictor."""
