@@ -11,8 +11,8 @@
 
 Two jitted stages per call:
 1. `_stage_f0` under a local `x64_enabled()` context: f0 predictor (CV3 in float64 like upstream,
-   CV2 float32) and the per-frame SineGen2 phase (cumsum accumulated in float64, as torch's CPU
-   cumsum does) -> f0 [B, T], phase [B, T, 9] float32.
+   CV2 float32) and the SineGen2 phase (cumsum accumulated in float64, as torch's CPU cumsum does;
+   CV2's linear up-sampling blend as an exact fma) -> f0 [B, T], phase [B, T*480, 9] float32.
 2. `_stage_wave` (float32): source (sines + noise), source STFT, generator, iSTFT, clamp.
 
 Randomness is explicit: `noise` (CV2: N(0,1) [B, >=T*480, 9]; CV3: the fixed U[0,1) buffer
