@@ -1,8 +1,9 @@
 """Convert a model folder's checkpoints once and cache the orbax parameter trees.
 
 The cache key hashes, for every input file (`<v>.yaml`, `llm.pt`, `flow.pt`, `hift.pt`,
-`CosyVoice-BlankEN/config.json`), its name, size and modification time, plus the package version,
-so an edited or replaced checkpoint is converted again. Layout:
+`CosyVoice-BlankEN/config.json`), its name, size and modification time, plus the package version
+and the converter sources (`convert/*.py`), so an edited checkpoint or a changed parameter layout
+is converted again. Layout:
 `<cache_root>/params/<folder name>-<key>/{llm,flow,hift}` (orbax), `<...>/meta.json`.
 Default `cache_root`: `$COSYJAX_CACHE` or `~/.cache/cosyjax`.
 """
@@ -33,10 +34,23 @@ def _input_files(cfg: ModelConfig) -> list[str]:
     return [os.path.join(cfg.model_dir, n) for n in names if os.path.exists(os.path.join(cfg.model_dir, n))]
 
 
+def _converter_digest() -> str:
+    """Hash of the converter sources: a changed key map or parameter layout invalidates old caches."""
+    import convert
+
+    h = hashlib.sha256()
+    folder = os.path.dirname(os.path.abspath(convert.__file__))
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
+
+
 def cache_key(cfg: ModelConfig) -> str:
     from cosyjax import __version__
 
-    h = hashlib.sha256(f"cosyjax {__version__} format {CACHE_FORMAT}\n".encode())
+    h = hashlib.sha256(f"cosyjax {__version__} format {CACHE_FORMAT} converters {_converter_digest()}\n".encode())
     for path in _input_files(cfg):
         st = os.stat(path)
         h.update(f"{os.path.relpath(path, cfg.model_dir)} {st.st_size} {st.st_mtime_ns}\n".encode())

@@ -122,3 +122,16 @@ def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "cosyjax", "--help"], capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and "synth" in r.stdout and "convert" in r.stdout
+
+
+def test_cache_key_follows_files(demo):
+    from cosyjax.config import ModelConfig
+    from cosyjax.model_cache import cache_key
+
+    mc = ModelConfig.from_dir(demo["dir"])
+    k1 = cache_key(mc)
+    assert cache_key(mc) == k1
+    p = os.path.join(demo["dir"], "hift.pt")
+    st = os.stat(p)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert cache_key(mc) != k1
