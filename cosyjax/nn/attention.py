@@ -82,6 +82,7 @@ def _check_shapes(q, k, v):
 
 
 def _xla_attention(q, k, v, mask, bias, scale):
+    """Float32 logits/softmax; normalises after the PV product (cheaper: [B,T,H,D] not [B,H,T,S])."""
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
@@ -100,10 +101,11 @@ def _xla_attention(q, k, v, mask, bias, scale):
     e = jnp.exp(logits - row_max)
     if mask is not None:
         e = jnp.where(m, e, 0.0)
-    denom = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype) if v.dtype != jnp.float32 else p, v,
+    denom = jnp.sum(e, axis=-1)  # [B,K,G,T]
+    out = jnp.einsum("bkgts,bskd->btkgd", e.astype(v.dtype) if v.dtype != jnp.float32 else e, v,
                      preferred_element_type=jnp.float32)
+    denom = jnp.transpose(denom, (0, 3, 1, 2))[..., None]  # [B,T,K,G,1]
+    out = out / jnp.where(denom > 0, denom, 1.0)
     return out.reshape(B, T, H, D)
 
 
