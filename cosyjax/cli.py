@@ -7,6 +7,7 @@ Examples:
   cosyjax synth --model-dir DIR --batch-file jobs.jsonl        # one JSON object per line (see --help)
   cosyjax convert --model-dir DIR                              # convert + cache the orbax checkpoint
   cosyjax info --model-dir DIR
+  cosyjax demo --out demo.wav                                  # tiny bundled model folder, end to end
 
 Bad input prints one line `error: ...` on stderr and exits with status 2.
 """
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a model folder")
     i.add_argument("--model-dir", required=True)
     i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("demo", help="build the tiny demo model folder and synthesise a WAV end to end")
+    d.add_argument("--version", default="cosyvoice3", choices=("cosyvoice2", "cosyvoice3"))
+    d.add_argument("--text", default="Hello from cosyjax. This runs the whole pipeline on a tiny model.")
+    d.add_argument("--out", default="demo.wav", help="output WAV path")
+    d.add_argument("--stream", action="store_true", help="streaming synthesis")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -322,12 +331,29 @@ def _info(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    """Tiny random-weight demo folder (copied from the golden fixtures) -> text -> WAV, every stage."""
+    from cosyjax.demo import DEMO_PROMPT, DEMO_PROMPT_TEXT, build_demo_model_dir
+
+    model_dir = build_demo_model_dir(args.version)
+    prompt_text = DEMO_PROMPT_TEXT
+    if args.version == "cosyvoice3":
+        prompt_text = "You are a helpful assistant.<|endofprompt|>" + prompt_text
+    argv = ["synth", "--model-dir", model_dir, "--text", args.text, "--mode", "zero_shot",
+            "--prompt-wav", os.path.join(model_dir, DEMO_PROMPT), "--prompt-text", prompt_text,
+            "--out", args.out, "--seed", str(args.seed)]
+    argv += ["--stream"] if args.stream else []
+    argv += ["--quiet"] if args.quiet else []
+    print(f"demo model folder: {model_dir} (tiny random weights: the audio is noise-like)", file=sys.stderr)
+    return _synth(build_parser().parse_args(argv))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise CLIError("missing command (synth, convert or info); see cosyjax --help")
-        return {"synth": _synth, "convert": _convert, "info": _info}[args.command](args)
+            raise CLIError("missing command (synth, convert, info or demo); see cosyjax --help")
+        return {"synth": _synth, "convert": _convert, "info": _info, "demo": _demo}[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
