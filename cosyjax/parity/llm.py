@@ -20,12 +20,10 @@ TOL_LOGP = 1e-4
 def check(ctx):
     if not (ctx.has("llm", "backbone.npz") or ctx.has("llm", "decode.npz")):
         return []
-    from convert.registry import convert_component
     from cosyjax.llm.config import LLMConfig
 
     cfg = LLMConfig.from_model_config(ctx.model_config)
-    # through the normal converter path (ctx.params is lru_cached on an unhashable dataclass)
-    params = convert_component("llm", ctx.model_config)
+    params = ctx.params("llm")  # the normal converter path
     v = ctx.version
     rows = []
     if ctx.has("llm", "backbone.npz"):
