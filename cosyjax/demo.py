@@ -162,7 +162,7 @@ def build_demo_model_dir(version: str = "cosyvoice3", out_dir: Optional[str] = N
                          source_root: Optional[str] = None, overwrite: bool = False) -> str:
     """Copy the tiny golden model folder of `version` to `out_dir` and add a demo tokenizer + prompt.
 
-    Returns the folder path. Default `out_dir`: `~/.cache/cosyjax/demo/<version>`. An existing demo
+    Returns the folder path. Default `out_dir`: `<cache root>/demo/<version>` (`$COSYJAX_CACHE` or `~/.cache/cosyjax`). An existing demo
     folder is reused unless `overwrite`.
     """
     if version not in ("cosyvoice2", "cosyvoice3"):
@@ -171,7 +171,9 @@ def build_demo_model_dir(version: str = "cosyvoice3", out_dir: Optional[str] = N
     src = os.path.join(source_root, version, "modeldir")
     if not os.path.isdir(src):
         raise FileNotFoundError(f"tiny model folder not found: {src} (set COSYJAX_GOLDEN to the fixture root)")
-    out_dir = os.path.abspath(out_dir or os.path.join(os.path.expanduser("~"), ".cache", "cosyjax", "demo", version))
+    from cosyjax.model_cache import cache_root
+
+    out_dir = os.path.abspath(out_dir or os.path.join(cache_root(), "demo", version))
     marker = os.path.join(out_dir, _MARKER)
     if os.path.isfile(marker) and not overwrite:
         return out_dir
