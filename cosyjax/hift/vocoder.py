@@ -5,7 +5,8 @@
   new length in the same bucket reuses the compiled program. Padding is exact, not approximate:
   frames past each example's length are masked (see `HiFTGenerator.decode`, `stft`, `istft`).
 * `vocode_padded(params, cfg, mel, lengths, ...)`: both stages on an already padded device batch
-  (no host checks, no trimming) for pipelines that pad themselves.
+  (no host checks, no trimming) for pipelines that pad themselves; traceable (usable inside
+  `jax.jit` / `jax.vmap`, e.g. `cosyjax.pipeline.synthesize`).
 * `device_params(params, cfg)`: put a converted tree on the device once (the CV3 f0 predictor as
   float64), so calls do not re-transfer weights.
 
@@ -156,8 +157,13 @@ def vocode_padded(params, cfg: HiFTConfig, mel, lengths, *, finalize: bool = Tru
 
     mel [B, T, 80] (frames past `lengths` are ignored), lengths int [B] in [1, T] -> wav [B, T*480],
     source [B, T*480], zero past each example's output length ((len-8)*480 / (len-3)*480 for a CV3
-    finalize=False call). noise: [B|1, T*480, 9] or None (then `key`, see `source.default_noise`).
+    finalize=False call). noise: [B|1, T*480, 9] or None (then `key`, see `source.default_noise`;
+    CosyVoice3 draws its fixed buffer from `key`, so pass key=None there for upstream's noise).
     Recompiles only when T, B or the config change.
+
+    Traceable: usable inside `jax.jit` / `jax.vmap` (mel, lengths and key may be tracers). It is not
+    jitted itself; while tracing, the f0 stage enters its own local x64 context (CosyVoice3's float64
+    f0 predictor), as in an eager call.
     """
     if noise is None and key is None and not cfg.causal:
         key = jax.random.key(0)
