@@ -97,19 +97,13 @@ def _vocoder():
 def vocode_core(hift_params, cfg, mel, mel_len, key):
     """Traceable HiFT on a padded batch: mel [B, T, 80], mel_len [B] -> wav [B, T*480] (zero past the end).
 
-    Runs the vocoder's two jitted stages (`cosyjax.hift.vocoder`): the f0 stage under a local x64
-    context (CosyVoice3's f0 predictor is float64 upstream), then source + generator + iSTFT.
-    Noise comes from `key` (CosyVoice2: Gaussian per call; CosyVoice3: the fixed buffer, key unused).
+    `cosyjax.hift.vocoder.vocode_padded` (traceable; its f0 stage runs under a local x64 context,
+    CosyVoice3's f0 predictor being float64 upstream). Noise comes from `key` (CosyVoice2: Gaussian
+    per call; CosyVoice3: the fixed buffer, key unused).
     """
-    from cosyjax.hift.f0_predictor import x64_enabled
-
-    voc = _vocoder()
-    f0_params, rest = voc._split(hift_params)
     lengths = jnp.maximum(mel_len, 1).astype(jnp.int32)
-    with x64_enabled():
-        f0, phase = voc._stage_f0(f0_params, mel, lengths, cfg=cfg)
-    wav, _, _ = voc._stage_wave(rest, mel, lengths, f0, phase, None, None if cfg.causal else key, None, cfg=cfg,
-                                precision=None, dtype=None, finalize=True, intermediates=False)
+    wav, _ = _vocoder().vocode_padded(hift_params, cfg, mel, lengths, finalize=True,
+                                      key=None if cfg.causal else key)
     return wav
 
 
@@ -123,6 +117,7 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence[dict], keys=No
     Returns (inputs, config with the static sizes of this batch). keys: one jax key per row (only
     the LLM rows' sampling keys are derived from them here; `synthesize` takes its own key too).
     """
+    from cosyjax.flow.inputs import seed0_noise_np
     from cosyjax.llm.generate import prepare
 
     B = len(model_inputs)
@@ -165,7 +160,7 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence[dict], keys=No
         cond[b, :2 * P[b]] = ffeat[b]
     inputs = dict(llm_ids=p.ids, llm_kind=p.kind, llm_start=p.start, llm_min_len=p.min_len, llm_max_len=p.max_len,
                   flow_prompt_token=ftok_a, flow_prompt_len=P.astype(np.int32), flow_cond=cond,
-                  flow_embedding=np.stack(femb), flow_noise=flow_mod._seed0_noise_np(T, 80))
+                  flow_embedding=np.stack(femb), flow_noise=seed0_noise_np(T, 80))
     cfg = dataclasses.replace(config, max_new=p.max_new, capacity=p.capacity, flow_tokens=N, speed=float(speed))
     return inputs, cfg
 
