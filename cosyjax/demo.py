@@ -61,13 +61,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _train_merges(n_merges: int) -> list[tuple[str, str]]:
     """Greedy byte-pair merges learned from a short built-in text (deterministic)."""
-    import regex
+    from tokenizers import Regex, pre_tokenizers
 
     from cosyjax.frontend.tokenizer import QWEN2_SPLIT_PATTERN
 
     b2u = _bytes_to_unicode()
     words: dict[tuple[str, ...], int] = {}
-    for piece in regex.findall(QWEN2_SPLIT_PATTERN, _TRAIN_TEXT):
+    split = pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated")  # Qwen2's pre-tokenizer split
+    for piece, _ in split.pre_tokenize_str(_TRAIN_TEXT):
         w = tuple(b2u[b] for b in piece.encode("utf-8"))
         words[w] = words.get(w, 0) + 1
     merges: list[tuple[str, str]] = []
