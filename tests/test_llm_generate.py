@@ -183,3 +183,35 @@ def test_bfloat16_backbone_close_to_float32():
     assert h16.dtype == jnp.bfloat16 and got.dtype == jnp.float32
     rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     assert rel < 3e-2, rel
+
+
+def test_forced_tokens_replay_golden_and_generate_traced_under_vmap():
+    """`forced_tokens` reproduces the CV3 forced-silence golden run (token 1 at steps 40..47); a forced stop
+    id ends the row; `generate_traced` inside jit(vmap) gives `generate`'s tokens."""
+    params, cfg = _model("cosyvoice3")
+    inp = np.load(os.path.join(GOLDEN, "cosyvoice3", "e2e", "inputs.npz"))
+    ref = np.load(os.path.join(GOLDEN, "cosyvoice3", "e2e", "nonstream_forced_silence.npz"))
+    kw = dict(prompt_text=inp["prompt_text"], prompt_speech_token=inp["llm_prompt_speech_token"], sampling="greedy")
+    g = G.generate_detailed(params, cfg, inp["text"], **kw, record_topk=32,
+                            forced_tokens={s: 1 for s in range(40, 48)})
+    n = int(g.lengths[0])
+    np.testing.assert_array_equal(np.asarray(g.tokens[0, :n]), ref["llm_tokens"])
+    vals = np.asarray(g.logp_topk_values[0, : ref["llm_logp_top32_values"].shape[0]])
+    assert np.max(np.abs(vals - ref["llm_logp_top32_values"])) < 1e-4
+    # the array form, forcing the eos id at step 7 (past min_len): the row ends there
+    forced = np.full(8, -1)
+    forced[7] = cfg.stop_ids[0]
+    g = G.generate_detailed(params, cfg, inp["text"], **kw, min_len=2, max_len=30, forced_tokens=forced)
+    assert int(g.lengths[0]) == 7
+    with pytest.raises(G.LLMInputError, match="forced_tokens"):
+        G.generate_detailed(params, cfg, inp["text"], **kw, forced_tokens={3: cfg.speech_vocab_size})
+    # the traceable core, vmapped over two rows (each a batch of one) inside jit
+    p = G.prepare(cfg, inp["text"], None, inp["prompt_text"], None, inp["llm_prompt_speech_token"], None,
+                  sampling="greedy", max_len=30)
+    rows = [jnp.stack([jnp.asarray(a)] * 2) for a in (p.ids, p.kind, p.start, p.min_len, p.max_len, p.draws)]
+    run = jax.jit(jax.vmap(functools.partial(G.generate_traced, params, cfg, method="greedy", max_new=p.max_new,
+                                             capacity=p.capacity)))
+    out, lengths = run(*rows)
+    want, want_n = G.generate(params, cfg, inp["text"], **kw, max_len=30)
+    np.testing.assert_array_equal(out[:, 0], jnp.concatenate([want, want]))
+    np.testing.assert_array_equal(lengths[:, 0], jnp.concatenate([want_n, want_n]))

@@ -27,7 +27,13 @@ tokens, lengths = generate(params, cfg, text, text_len=None, prompt_text=None, p
   tokens, the rest -1; stop tokens are never included) and `lengths` `[B]` int32, as jax arrays.
 
 `generate_detailed(...)` takes the same arguments plus `record_topk` / `record_full_steps` and returns a
-`Generation` with per-step log-prob records and the RAS trace (parity/debugging).
+`Generation` with per-step log-prob records and the RAS trace (parity/debugging); `forced_tokens`
+(`{step: token}` or an int array, -1 = not forced) makes sampling call `step` emit `token` instead of
+the sampled id (everything else unchanged: stop handling, feed-back, records).
+
+`generate_traced(params, cfg, ids, kind, start, min_len, max_len, draws, *, method, max_new, capacity)`
+is the same decode program on already prepared arrays (`prepare(...)` fields), traceable: use it inside
+`jax.jit` / `jax.vmap` (e.g. `cosyjax.pipeline.synthesize`).
 
 `generate_stream(..., hop=25)` is a Python generator over the same state: each `next()` runs one
 jitted chunk of up to `hop` decode steps (the KV cache stays on device) and yields a list of B
@@ -61,7 +67,7 @@ from cosyjax.llm.speech_lm import (
 )
 
 __all__ = ["DecodeState", "Generation", "bucket_length", "generate", "generate_detailed", "generate_stream",
-           "prepare"]
+           "generate_traced", "prepare"]
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -109,14 +115,18 @@ def prefill(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, draws, c
         min_len=min_len, max_len=max_len, draws=draws)
 
 
-def decode_step(params, cfg: LLMConfig, method: str, state: DecodeState):
+def decode_step(params, cfg: LLMConfig, method: str, state: DecodeState, forced=None):
     """Sample at `state.step`, record, feed the token back -> (state, emitted `[B]` (-1 = none), info).
 
-    info = (unmasked logp `[B, V]`, fallback `[B]`, nucleus size `[B]`, was-active `[B]`)."""
+    forced: None or int32 `[B, N]`: where `forced[b, step] >= 0` row b takes that id instead of the
+    sampled one. info = (unmasked logp `[B, V]`, fallback `[B]`, nucleus size `[B]`, was-active `[B]`)."""
     was_active = state.active
     masked = smp.suppress_stop(cfg, state.logp, state.step < state.min_len)
     u = smp.draw_uniforms(state.draws, state.step)
     tok, fallback, n_keep = smp.sample(cfg, method, masked, state.history, u)
+    if forced is not None:
+        f = jax.lax.dynamic_index_in_dim(forced, state.step, axis=1, keepdims=False)
+        tok = jnp.where(f >= 0, f, tok)
     lo, hi = cfg.stop_ids
     emit = was_active & ~((tok >= lo) & (tok < hi))
     n_out = state.n_out + emit.astype(jnp.int32)
@@ -136,8 +146,8 @@ def decode_step(params, cfg: LLMConfig, method: str, state: DecodeState):
 # jitted programs
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new", "capacity", "record_topk", "record_full"))
-def _generate_program(params, ids, kind, start, min_len, max_len, draws, *, cfg, method, max_new, capacity,
-                      record_topk=0, record_full=0):
+def _generate_program(params, ids, kind, start, min_len, max_len, draws, forced=None, *, cfg, method, max_new,
+                      capacity, record_topk=0, record_full=0):
     B = ids.shape[0]
     V = cfg.speech_vocab_size
     state = prefill(params, cfg, ids, kind, start, min_len, max_len, draws, capacity)
@@ -157,7 +167,7 @@ def _generate_program(params, ids, kind, start, min_len, max_len, draws, *, cfg,
     def body(carry):
         st, out, rec = carry
         i = st.step
-        st, tok, (logp, fb, nk, was) = decode_step(params, cfg, method, st)
+        st, tok, (logp, fb, nk, was) = decode_step(params, cfg, method, st, forced)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
         rec = dict(rec)
         if record_topk:
@@ -181,6 +191,23 @@ def _generate_program(params, ids, kind, start, min_len, max_len, draws, *, cfg,
 
     state, out, rec = jax.lax.while_loop(cond, body, (state, out, rec))
     return out, state.n_out, rec
+
+
+def generate_traced(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, draws, *, method: str, max_new: int,
+                    capacity: int, forced_tokens=None):
+    """Prefill + the whole decode loop on prepared arrays -> (tokens `[B, max_new]` int32 (-1 = none), lengths `[B]`).
+
+    Traceable: usable inside `jax.jit` / `jax.vmap` (every array argument may be a tracer; `cfg`,
+    `method`, `max_new`, `capacity` are static). Inputs as `prepare(...)` builds them: ids / kind
+    `[B, L]` int32 left-padded prompt layout, start / min_len / max_len `[B]` int32, draws `[B, N, 2]`
+    float32 sampling uniforms (`sampling.uniforms_from_keys`; any `[B, 1, 2]` for 'greedy'), method
+    'ras' | 'greedy', max_new output slots, capacity KV-cache slots (prompt + max_new).
+    forced_tokens: None or int32 `[B, max_new]` (-1 = sample; >= 0 = emit this id at that sampling call).
+    No input validation: use `generate` for checked host inputs.
+    """
+    out, lengths, _ = _generate_program(params, ids, kind, start, min_len, max_len, draws, forced_tokens, cfg=cfg,
+                                        method=method, max_new=max_new, capacity=capacity)
+    return out, lengths
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
@@ -313,20 +340,53 @@ class Generation:
 def generate_detailed(params, cfg: LLMConfig, text, text_len=None, prompt_text=None, prompt_text_len=None,
                       prompt_speech_token=None, prompt_speech_token_len=None, embedding=None, *, key=None,
                       sampling="ras", max_len=None, min_len=None, uniforms=None, cache_len=None,
-                      record_topk: int = 0, record_full_steps: int = 0) -> Generation:
+                      record_topk: int = 0, record_full_steps: int = 0, forced_tokens=None) -> Generation:
     """`generate` plus optional per-step log-prob records (`record_topk` values/ids, full rows of the
-    first `record_full_steps` calls) and the RAS trace."""
+    first `record_full_steps` calls) and the RAS trace.
+
+    forced_tokens: `{step: token}` (every row) or an int array `[B, N]` / `[N]` (-1 = not forced):
+    sampling call `step` emits `token` instead of the sampled id (a stop id ends the row); stop-id
+    masking before min_len, feed-back and records are unchanged. Steps past the program's output
+    slots are never reached. The records hold the model's log-probs, not the forced choice."""
     del embedding  # Qwen2LM / CosyVoice3LM do not use the speaker embedding
     _check_params(params, cfg)
     p = prepare(cfg, text, text_len, prompt_text, prompt_text_len, prompt_speech_token, prompt_speech_token_len,
                 key=key, sampling=sampling, max_len=max_len, min_len=min_len, uniforms=uniforms,
                 cache_len=cache_len)
+    forced = None if forced_tokens is None else _forced_array(cfg, forced_tokens, len(p.max_len), p.max_new)
     out, lengths, rec = _generate_program(
         params, jnp.asarray(p.ids), jnp.asarray(p.kind), jnp.asarray(p.start), jnp.asarray(p.min_len),
-        jnp.asarray(p.max_len), p.draws, cfg=cfg, method=p.method, max_new=p.max_new, capacity=p.capacity,
+        jnp.asarray(p.max_len), p.draws, forced, cfg=cfg, method=p.method, max_new=p.max_new, capacity=p.capacity,
         record_topk=int(record_topk), record_full=int(record_full_steps))
     return Generation(tokens=out, lengths=lengths, logp_topk_values=rec.get("topk_values"),
                       logp_topk_indices=rec.get("topk_indices"), logp_full=rec.get("full"), trace=rec.get("trace"))
+
+
+def _forced_array(cfg: LLMConfig, forced_tokens, B: int, max_new: int) -> jax.Array:
+    """`{step: token}` or int `[B, N]` / `[N]` (-1 = not forced) -> int32 `[B, max_new]`."""
+    out = np.full((B, max_new), -1, np.int32)
+    if isinstance(forced_tokens, dict):
+        for step, tok in forced_tokens.items():
+            step, tok = int(step), int(tok)
+            if step < 0:
+                raise LLMInputError(f"forced_tokens: step {step} is negative")
+            if not 0 <= tok < cfg.speech_vocab_size:
+                raise LLMInputError(f"forced_tokens: token {tok} at step {step} is not a speech id "
+                                    f"[0, {cfg.speech_vocab_size})")
+            if step < max_new:
+                out[:, step] = tok
+        return jnp.asarray(out)
+    a = np.asarray(forced_tokens)
+    if a.ndim == 1:
+        a = np.broadcast_to(a[None], (B, a.shape[0]))
+    if a.ndim != 2 or a.shape[0] != B or not np.issubdtype(a.dtype, np.integer):
+        raise LLMInputError(f"forced_tokens must be a {{step: token}} dict or an int array [{B}, N] / [N], "
+                            f"got {a.dtype} {np.shape(forced_tokens)}")
+    if np.any((a < -1) | (a >= cfg.speech_vocab_size)):
+        raise LLMInputError(f"forced_tokens entries must be -1 (not forced) or speech ids [0, {cfg.speech_vocab_size})")
+    m = min(max_new, a.shape[1])
+    out[:, :m] = a[:, :m]
+    return jnp.asarray(out)
 
 
 def generate(params, cfg: LLMConfig, text, text_len=None, prompt_text=None, prompt_text_len=None,
