@@ -202,15 +202,15 @@ def synthesize(params, inputs: dict, key, config: PipelineConfig):
     the plain function, as `synthesize_rows` does: CosyVoice3's f0 stage is traced in a local x64
     context, which a vmap applied to an already-jitted wrapper would re-trace outside that context).
     """
-    from cosyjax.llm.generate import _generate_program
+    from cosyjax.llm.generate import generate_traced
 
     B = inputs["llm_ids"].shape[0]
     k_llm, k_voc = jax.random.split(key)
     k_voc = jax.random.fold_in(k_voc, 0)  # = the Engine's first (and only) vocoder call of a request
-    tokens, n_tok, _ = _generate_program(
-        params["llm"], inputs["llm_ids"], inputs["llm_kind"], inputs["llm_start"], inputs["llm_min_len"],
-        inputs["llm_max_len"], _llm_draws(config, k_llm, B), cfg=config.llm, method=config.sampling,
-        max_new=config.max_new, capacity=config.capacity)
+    tokens, n_tok = generate_traced(
+        params["llm"], config.llm, inputs["llm_ids"], inputs["llm_kind"], inputs["llm_start"], inputs["llm_min_len"],
+        inputs["llm_max_len"], _llm_draws(config, k_llm, B), method=config.sampling, max_new=config.max_new,
+        capacity=config.capacity)
     tokens = jnp.maximum(tokens, 0)
     tokens, n_tok = filter_silent_batch(tokens, n_tok, config.silent_tokens, MAX_SILENT_RUN)
     # flow input: prompt tokens ++ generated tokens per row
@@ -252,7 +252,9 @@ class Engine:
         self.flow_module = _flow_module(config.version)
 
     # ---- LLM -------------------------------------------------------------------------------
-    def _llm_args(self, mi: dict):
+    def llm_inputs(self, mi: dict) -> dict:
+        """The LLM inputs of one model_input as `cosyjax.llm.generate` keyword arguments:
+        text, prompt_text, prompt_speech_token (int32 [1, n] each, empty rows where absent)."""
         return dict(text=_row(mi["text"])[None], prompt_text=_row(mi.get("prompt_text"))[None],
                     prompt_speech_token=_row(mi.get("llm_prompt_speech_token"))[None])
 
@@ -260,14 +262,24 @@ class Engine:
         """All speech tokens of one request (before the silent filter) -> int32 [n]."""
         from cosyjax.llm.generate import generate
 
-        toks, n = generate(self.params["llm"], self.config.llm, **self._llm_args(mi), key=key,
+        toks, n = generate(self.params["llm"], self.config.llm, **self.llm_inputs(mi), key=key,
                            sampling=self.config.sampling, **kw)
         return np.asarray(toks)[0, :int(n[0])]
+
+    def llm_generation(self, mi: dict, key, **kw):
+        """`cosyjax.llm.generate.generate_detailed` for one request -> `Generation` (batch of 1).
+
+        kw: its keyword arguments, e.g. record_topk, forced_tokens={step: token}, min_len / max_len,
+        sampling (default: the engine's)."""
+        from cosyjax.llm.generate import generate_detailed
+
+        kw.setdefault("sampling", self.config.sampling)
+        return generate_detailed(self.params["llm"], self.config.llm, **self.llm_inputs(mi), key=key, **kw)
 
     def llm_stream(self, mi: dict, key, hop: int = 16, **kw) -> Iterator[np.ndarray]:
         from cosyjax.llm.generate import generate_stream
 
-        for rows in generate_stream(self.params["llm"], self.config.llm, **self._llm_args(mi), key=key,
+        for rows in generate_stream(self.params["llm"], self.config.llm, **self.llm_inputs(mi), key=key,
                                     sampling=self.config.sampling, hop=hop, **kw):
             yield rows[0]
 
