@@ -7,8 +7,8 @@ CosyVoice2 `hift<i>__noise_q / 16` per vocoder call, CosyVoice3 `sine_waves_q / 
 
 Rows per run: LLM tokens (exact), flow tokens after the silent filter (exact), per-step top-32
 log-probs, the streaming schedule (exact), every flow call's mel, every yielded chunk and the whole
-waveform (rel-L2 <= 1e-3). The forced-silence run forces token 1 at the recorded steps with a
-greedy decode loop that overrides the sampled id (what the reference did).
+waveform (rel-L2 <= 1e-3). The forced-silence run forces token 1 at the recorded steps in a
+greedy decode that overrides the sampled id (what the reference did; `generate_detailed(forced_tokens=)`).
 """
 from __future__ import annotations
 
@@ -81,68 +81,23 @@ def _noise_provider(ctx: FixtureContext, rec: dict):
     return lambda i, n_frames: {"noise": noise}
 
 
-def forced_greedy_tokens(engine, mi: dict, forced: dict[int, int], record_topk: int = 32):
-    """Greedy decoding where sampling call `s` in `forced` emits `forced[s]` instead of the argmax.
-
-    Returns (tokens [n] int, top-k log-prob values [n_calls, k]). Mirrors `llm.generate` step by step
-    (same prefill, stop-id masking and feed-back), only the sampled id is overridden.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from cosyjax.llm import generate as G
-    from cosyjax.llm import sampling as smp
-    from cosyjax.llm.speech_lm import SpeechLM
-
-    cfg = engine.config.llm
-    params = engine.params["llm"]
-    args = engine._llm_args(mi)
-    p = G.prepare(cfg, args["text"], None, args["prompt_text"], None, args["prompt_speech_token"], None,
-                  sampling="greedy")
-    state = G._prefill_program(params, jnp.asarray(p.ids), jnp.asarray(p.kind), jnp.asarray(p.start),
-                               jnp.asarray(p.min_len), jnp.asarray(p.max_len), p.draws, cfg=cfg, capacity=p.capacity)
-
-    @jax.jit
-    def step(state, force):
-        masked = smp.suppress_stop(cfg, state.logp, state.step < state.min_len)
-        tok = jnp.where(force >= 0, force, smp.greedy_sample(masked))
-        lo, hi = cfg.stop_ids
-        emit = state.active & ~((tok >= lo) & (tok < hi))
-        n_out = state.n_out + emit.astype(jnp.int32)
-        active = emit & (n_out < state.max_len)
-        x = G._apply(cfg, params, SpeechLM.embed_speech, jnp.where(emit, tok, 0)[:, None])
-        h, cache = G._apply(cfg, params, SpeechLM.forward, x, state.cache)
-        logp = G._apply(cfg, params, SpeechLM.logp, h[:, 0])
-        topv = jax.lax.top_k(state.logp, record_topk)[0]
-        new = state.replace(cache=cache, logp=logp, step=state.step + 1, n_out=n_out, active=active)
-        return new, tok, emit, topv
-
-    tokens, tops = [], []
-    while bool(state.active[0]) and int(state.step) < p.max_new:
-        s = int(state.step)
-        state, tok, emit, topv = step(state, jnp.asarray([forced.get(s, -1)], jnp.int32))
-        tops.append(np.asarray(topv[0]))
-        if bool(emit[0]):
-            tokens.append(int(tok[0]))
-    return np.asarray(tokens, np.int64), np.stack(tops)
-
-
 def _llm_rows(ctx, engine, mi, rec, run, forced):
     """Returns (rows, tokens) for the run's LLM part."""
     import jax
-
-    from cosyjax.llm.generate import generate_detailed
 
     v = ctx.version
     rows = []
     if forced:
         steps = forced["steps"]
-        toks, topv = forced_greedy_tokens(engine, mi, {int(s): int(forced["token"]) for s in steps})
+        g = engine.llm_generation(mi, jax.random.PRNGKey(0), sampling="greedy", record_topk=32,
+                                  forced_tokens={int(s): int(forced["token"]) for s in steps})
+        n = int(g.lengths[0])
+        toks = np.asarray(g.tokens)[0, :n].astype(np.int64)
+        n_calls = int(np.sum(np.asarray(g.trace)[0, :, 0] >= 0))  # every sampling call, the final stop included
+        topv = np.asarray(g.logp_topk_values)[0, :n_calls]
         note = f"greedy, token {forced['token']} forced at steps {steps[0]}..{steps[-1]}"
     else:
-        args = engine._llm_args(mi)
-        g = generate_detailed(engine.params["llm"], engine.config.llm, **args, key=jax.random.PRNGKey(0),
-                              sampling="greedy", record_topk=32)
+        g = engine.llm_generation(mi, jax.random.PRNGKey(0), sampling="greedy", record_topk=32)
         n = int(g.lengths[0])
         toks = np.asarray(g.tokens)[0, :n].astype(np.int64)
         topv = np.asarray(g.logp_topk_values)[0, :n + (1 if n < rec["llm_logp_top32_values"].shape[0] else 0)]
