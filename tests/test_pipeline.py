@@ -129,3 +129,22 @@ def test_resize_linear_matches_host():
     np.testing.assert_allclose(y[0, :15], resize_mel_linear(mel[:1], 15)[0], atol=1e-6)
     np.testing.assert_allclose(y[1, :40], resize_mel_linear(mel[1:2, :20], 40)[0], atol=1e-6)
     assert np.all(y[0, 15:] == 0) and np.all(y[1, 40:] == 0)
+
+
+def test_new_text_length_in_the_same_bucket_does_not_recompile(engine):
+    """Two requests with different text / prompt lengths share one compiled `synthesize` program."""
+    from cosyjax.pipeline import prepare_inputs, synthesize
+
+    f = jax.jit(synthesize, static_argnames="config")
+    mis = _inputs(3)
+    in_a, cfg_a = prepare_inputs(engine.config, [mis[1]])  # text 4 tokens, prompt 17
+    in_b, cfg_b = prepare_inputs(engine.config, [mis[2]])  # text 5 tokens, prompt 14
+    assert mis[1]["text"].shape != mis[2]["text"].shape
+    assert cfg_a == cfg_b, "same bucket must give the same static config"
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_equal(np.shape(a), np.shape(b)), in_a, in_b)
+    key = jax.random.PRNGKey(0)
+    wav_a, len_a = f(engine.params, in_a, key, cfg_a)
+    wav_b, len_b = f(engine.params, in_b, key, cfg_b)
+    assert f._cache_size() == 1
+    assert np.all(np.isfinite(np.asarray(wav_a))) and np.all(np.isfinite(np.asarray(wav_b)))
+    assert int(len_a[0]) > 0 and int(len_b[0]) > 0
