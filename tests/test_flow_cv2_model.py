@@ -327,13 +327,14 @@ def test_module_interface_matches_cv3():
     """The pipeline picks the flow module by version and uses the same names on both."""
     import cosyjax.flow.cv2.model as cv2
     import cosyjax.flow.cv3.model as cv3
+    from cosyjax.flow.inputs import seed0_noise_np
     from cosyjax.flow.noise import cfm_noise
 
     for name in ("flow_inference", "flow_core", "pack_inputs", "bucket_for", "init_params", "cast_matmul_weights",
-                 "DEFAULT_BUCKETS", "FlowInputError", "_seed0_noise_np"):
+                 "DEFAULT_BUCKETS", "FlowInputError"):
         assert hasattr(cv2, name) and hasattr(cv3, name), name
     assert cv2.DEFAULT_BUCKETS == cv3.DEFAULT_BUCKETS
-    np.testing.assert_array_equal(cv2._seed0_noise_np(37, 80), np.swapaxes(cfm_noise(37), 1, 2))
+    np.testing.assert_array_equal(seed0_noise_np(37, 80), np.swapaxes(cfm_noise(37), 1, 2))
     assert cv2.bucket_for(65) == 128
     with pytest.raises(FlowInputError, match="largest bucket"):
         cv2.bucket_for(10 ** 6)

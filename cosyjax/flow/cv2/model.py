@@ -27,7 +27,6 @@ from cosyjax.flow.cv2.encoder import UpsampleConformerEncoder
 from cosyjax.flow.cv2.unet import CausalConditionalDecoder
 from cosyjax.flow.inference import make_flow_inference, solve_and_strip_prompt
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, FlowInputError, bucket_for, pack_inputs
-from cosyjax.flow.inputs import seed0_noise_np as _seed0_noise_np  # noqa: F401  (the pipeline uses it)
 from cosyjax.flow.masks import padding_mask
 
 __all__ = ["FlowCV2", "FlowInputError", "flow_inference", "flow_core", "DEFAULT_BUCKETS", "bucket_for",

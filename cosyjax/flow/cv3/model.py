@@ -25,7 +25,6 @@ from cosyjax.flow.cv3.config import FlowCV3Config
 from cosyjax.flow.cv3.dit import DiT
 from cosyjax.flow.inference import make_flow_inference, solve_and_strip_prompt
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, FlowInputError, bucket_for, pack_inputs
-from cosyjax.flow.inputs import seed0_noise_np as _seed0_noise_np  # noqa: F401  (the pipeline uses it)
 from cosyjax.flow.masks import padding_mask
 from cosyjax.flow.pre_lookahead import PreLookaheadLayer
 
