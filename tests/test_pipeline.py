@@ -144,7 +144,8 @@ def test_new_text_length_in_the_same_bucket_does_not_recompile(engine):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_equal(np.shape(a), np.shape(b)), in_a, in_b)
     key = jax.random.PRNGKey(0)
     wav_a, len_a = f(engine.params, in_a, key, cfg_a)
+    n_compiled = f._cache_size()  # jit caches are shared per function: count what the second call adds
     wav_b, len_b = f(engine.params, in_b, key, cfg_b)
-    assert f._cache_size() == 1
+    assert f._cache_size() == n_compiled
     assert np.all(np.isfinite(np.asarray(wav_a))) and np.all(np.isfinite(np.asarray(wav_b)))
     assert int(len_a[0]) > 0 and int(len_b[0]) > 0
