@@ -1,6 +1,7 @@
 """CV2 flow model (cosyjax/flow/cv2): rel-pos attention vs a float64 reference, encoder/estimator/inference
-golden parity, shapes/dtypes, bucketing (padding invariance, no recompilation), batching, streaming,
-bfloat16, random lengths, bad input."""
+golden parity, shapes/dtypes, bucket padding invariance, bfloat16, random lengths, bad input.
+
+Streaming chunks, no recompilation and batching are checked for both flows in test_flow_shared.py."""
 from __future__ import annotations
 
 import functools
@@ -14,43 +15,25 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from convert.registry import convert_component
-from cosyjax.config import ModelConfig
-from cosyjax.flow.cv2.config import FlowCV2Config
-from cosyjax.flow.cv2.model import FlowCV2, FlowInputError, cast_matmul_weights, flow_core, flow_inference
+from cosyjax.flow.cv2.model import FlowCV2, FlowInputError, cast_matmul_weights, flow_inference
 from cosyjax.flow.cv2.rel_attention import RelPositionMultiHeadedAttention, rel_pos_table, rel_shift
-from tests.conftest import GOLDEN, model_dir
+from tests.conftest import GOLDEN
+from tests.flow_helpers import channels_last as _t, flow_inputs as _inputs
+from tests.flow_helpers import load_flow_model, load_flow_npz, rel_l2
 
 FLOW = os.path.join(GOLDEN, "cosyvoice2", "flow")
 needs_golden = pytest.mark.skipif(not os.path.exists(os.path.join(FLOW, "inference.npz")),
                                   reason="golden flow fixtures absent")
 
 
-def _t(a):
-    return np.swapaxes(np.asarray(a), -1, -2)
-
-
-def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def model():
-    mc = ModelConfig.from_dir(model_dir("cosyvoice2"))
-    cfg = FlowCV2Config.from_model_config(mc)
-    return cfg, jax.device_put(convert_component("flow", mc))
+    return load_flow_model("cosyvoice2")
 
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(os.path.join(FLOW, "inference.npz")) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _inputs(z):
-    return (z["token"], z["token_len"], z["prompt_token"], z["prompt_token_len"], z["prompt_feat"],
-            z["prompt_feat_len"], z["embedding"])
+    return load_flow_npz("cosyvoice2")
 
 
 # ---- relative-position attention --------------------------------------------------------------
@@ -169,58 +152,6 @@ def test_inference_golden_seed0_noise_shapes(model, golden):
     # finalize=True on the same bucket reuses the compilation; compare with upstream's stream_final
     mel, _ = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=True)
     assert rel_l2(mel, _t(golden["stream_final__mel"])) < 1e-4
-
-
-@needs_golden
-def test_streaming_chunks_reproduce_earlier_frames(model, golden):
-    """Chunk masks + causal convs + position-fixed noise: frames in complete chunks that the
-    look-ahead context cannot reach agree between a finalize=False call and the final call."""
-    cfg, params = model
-    a, _ = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=False)
-    b, _ = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=True)
-    P = 2 * int(golden["prompt_token_len"][0])
-    chunk = cfg.unet.static_chunk_size
-    full = (P + a.shape[1]) // chunk * chunk - P  # new frames inside complete 50-frame chunks
-    assert full > 0
-    np.testing.assert_allclose(np.asarray(a)[:, :full], np.asarray(b)[:, :full], atol=1e-5)
-    assert not np.allclose(np.asarray(a)[:, full:], np.asarray(b)[:, full:a.shape[1]], atol=1e-3)
-
-
-@needs_golden
-def test_no_recompilation_within_bucket(model, golden):
-    cfg, params = model
-    inp = list(_inputs(golden))
-    flow_inference(params, cfg, *inp, streaming=False, finalize=True)
-    n_compiled = flow_core._cache_size()
-    for n_new in (40, 29, 45):  # prompt 12 + n_new stays inside the 64-token bucket
-        inp[0], inp[1] = golden["token"][:, :n_new], np.array([n_new], np.int32)
-        mel, mel_len = flow_inference(params, cfg, *inp, streaming=False, finalize=True)
-        assert mel.shape == (1, 2 * n_new, 80) and int(mel_len[0]) == 2 * n_new
-    assert flow_core._cache_size() == n_compiled
-
-
-@needs_golden
-def test_batch_rows_match_single_calls(model, golden):
-    """Two rows with different prompt/new lengths, packed and padded, equal their batch-1 results."""
-    cfg, params = model
-    rng = np.random.default_rng(1)
-    tok, ptok, pfeat, emb = golden["token"], golden["prompt_token"], golden["prompt_feat"], golden["embedding"]
-    emb2 = np.concatenate([emb, rng.normal(size=emb.shape).astype(np.float32)])
-    token = np.concatenate([tok, np.roll(tok, 5, axis=1)])
-    token_len = np.array([48, 31], np.int32)
-    prompt_token = np.concatenate([ptok, ptok])
-    prompt_token_len = np.array([12, 7], np.int32)
-    prompt_feat = np.concatenate([pfeat, pfeat])
-    mel, mel_len = flow_inference(params, cfg, token, token_len, prompt_token, prompt_token_len, prompt_feat,
-                                  2 * prompt_token_len, emb2, streaming=False, finalize=True)
-    for b in range(2):
-        p, n = int(prompt_token_len[b]), int(token_len[b])
-        one, one_len = flow_inference(params, cfg, token[b:b + 1, :n], token_len[b:b + 1], prompt_token[b:b + 1, :p],
-                                      prompt_token_len[b:b + 1], prompt_feat[b:b + 1, :2 * p],
-                                      2 * prompt_token_len[b:b + 1], emb2[b:b + 1], streaming=False, finalize=True)
-        assert int(mel_len[b]) == int(one_len[0]) == 2 * n
-        np.testing.assert_allclose(np.asarray(mel)[b, :2 * n], np.asarray(one)[0], atol=2e-5)
-        np.testing.assert_array_equal(np.asarray(mel)[b, 2 * n:], 0.0)
 
 
 @needs_golden

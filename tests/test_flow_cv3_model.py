@@ -1,4 +1,6 @@
-"""CV3 flow model (cosyjax/flow/cv3): golden parity, shapes/dtypes, bucketing, batching, streaming, bad input."""
+"""CV3 flow model (cosyjax/flow/cv3): golden parity, shapes/dtypes, bf16, lengths, bad input.
+
+Streaming chunks, bucketing and batching are checked for both flows in test_flow_shared.py."""
 from __future__ import annotations
 
 import os
@@ -10,42 +12,24 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from convert.registry import convert_component
-from cosyjax.config import ModelConfig
-from cosyjax.flow.cv3.config import FlowCV3Config
-from cosyjax.flow.cv3.model import FlowCV3, FlowInputError, cast_matmul_weights, flow_core, flow_inference
-from tests.conftest import GOLDEN, model_dir
+from cosyjax.flow.cv3.model import FlowCV3, FlowInputError, cast_matmul_weights, flow_inference
+from tests.conftest import GOLDEN
+from tests.flow_helpers import channels_last as _t, flow_inputs as _inputs
+from tests.flow_helpers import load_flow_model, load_flow_npz, rel_l2
 
 FLOW = os.path.join(GOLDEN, "cosyvoice3", "flow")
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(FLOW, "inference.npz")),
                                 reason="golden flow fixtures absent")
 
 
-def _t(a):
-    return np.swapaxes(a, -1, -2)
-
-
-def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def model():
-    mc = ModelConfig.from_dir(model_dir("cosyvoice3"))
-    cfg = FlowCV3Config.from_model_config(mc)
-    return cfg, jax.device_put(convert_component("flow", mc))
+    return load_flow_model("cosyvoice3")
 
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(os.path.join(FLOW, "inference.npz")) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _inputs(z):
-    return (z["token"], z["token_len"], z["prompt_token"], z["prompt_token_len"], z["prompt_feat"],
-            z["prompt_feat_len"], z["embedding"])
+    return load_flow_npz("cosyvoice3")
 
 
 def test_estimator_golden(model):
@@ -73,54 +57,6 @@ def test_inference_golden_seed0_noise_shapes(model, golden):
     padded, n = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=False, trim=False)
     assert padded.shape[1] >= want.shape[1] and padded.shape[1] % 2 == 0
     np.testing.assert_array_equal(np.asarray(padded)[:, int(n[0]):], 0.0)
-
-
-def test_streaming_chunks_reproduce_earlier_frames(model, golden):
-    """Block-causal masks + causal convs + position-fixed noise: complete 50-frame chunks agree."""
-    cfg, params = model
-    a, _ = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=False)
-    b, _ = flow_inference(params, cfg, *_inputs(golden), streaming=True, finalize=True)
-    P = 2 * int(golden["prompt_token_len"][0])
-    full = (P + a.shape[1]) // cfg.static_chunk_size * cfg.static_chunk_size - P  # frames in complete chunks
-    assert full > 0
-    np.testing.assert_allclose(np.asarray(a)[:, :full], np.asarray(b)[:, :full], atol=1e-5)
-    assert not np.allclose(np.asarray(a)[:, full:], np.asarray(b)[:, full:a.shape[1]], atol=1e-3)
-
-
-def test_no_recompilation_within_bucket(model, golden):
-    cfg, params = model
-    inp = list(_inputs(golden))
-    flow_inference(params, cfg, *inp, streaming=False, finalize=True)
-    n_compiled = flow_core._cache_size()
-    for n_new in (40, 30, 45):  # prompt 12 + n_new stays inside the 64-token bucket
-        inp[0], inp[1] = golden["token"][:, :n_new], np.array([n_new], np.int32)
-        mel, mel_len = flow_inference(params, cfg, *inp, streaming=False, finalize=True)
-        assert mel.shape == (1, 2 * n_new, 80) and int(mel_len[0]) == 2 * n_new
-    assert flow_core._cache_size() == n_compiled
-
-
-def test_batch_rows_match_single_calls(model, golden):
-    """Two rows with different prompt/new lengths, packed and padded, equal their batch-1 results."""
-    cfg, params = model
-    rng = np.random.default_rng(1)
-    tok, ptok, pfeat, emb = golden["token"], golden["prompt_token"], golden["prompt_feat"], golden["embedding"]
-    emb2 = np.concatenate([emb, rng.normal(size=emb.shape).astype(np.float32)])
-    token = np.concatenate([tok, np.roll(tok, 5, axis=1)])
-    token_len = np.array([48, 31], np.int32)
-    prompt_token = np.concatenate([ptok, ptok])
-    prompt_token_len = np.array([12, 7], np.int32)
-    prompt_feat = np.concatenate([pfeat, pfeat])
-    mel, mel_len = flow_inference(params, cfg, token, token_len, prompt_token, prompt_token_len, prompt_feat,
-                                  2 * prompt_token_len, emb2, streaming=True, finalize=True)
-    for b in range(2):
-        p, n = int(prompt_token_len[b]), int(token_len[b])
-        row = slice(b, b + 1)
-        one, one_len = flow_inference(params, cfg, token[row, :n], token_len[row], prompt_token[row, :p],
-                                      prompt_token_len[row], prompt_feat[row, :2 * p], 2 * prompt_token_len[row],
-                                      emb2[row], streaming=True, finalize=True)
-        assert int(mel_len[b]) == int(one_len[0]) == 2 * n
-        np.testing.assert_allclose(np.asarray(mel)[b, :2 * n], np.asarray(one)[0], atol=2e-5)
-        np.testing.assert_array_equal(np.asarray(mel)[b, 2 * n:], 0.0)
 
 
 def test_bfloat16_close_to_float32(model, golden):
