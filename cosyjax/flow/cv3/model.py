@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from cosyjax.flow.cv3.config import FlowCV3Config
 from cosyjax.flow.cv3.dit import DiT
+from cosyjax.flow.conditioning import l2_normalize_speaker, masked_token_embedding
 from cosyjax.flow.inference import make_flow_inference, solve_and_strip_prompt
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, FlowInputError, bucket_for, pack_inputs
 from cosyjax.flow.masks import padding_mask
@@ -49,15 +50,11 @@ class FlowCV3(nn.Module):
 
     def speaker(self, embedding):
         """embedding [B, 192] -> spks [B, 80] float32 (`F.normalize`, eps 1e-12, then the affine layer)."""
-        e = embedding.astype(jnp.float32)
-        norm = jnp.sqrt(jnp.sum(e * e, axis=-1, keepdims=True))
-        return self.spk_embed_affine_layer(e / jnp.maximum(norm, 1e-12))
+        return self.spk_embed_affine_layer(l2_normalize_speaker(embedding))
 
     def token_embedding(self, tokens, n_tokens):
         """tokens [B, N] int, n_tokens [B] -> [B, N, 80] float32, zero after each row's length."""
-        tok = jnp.clip(tokens, 0, self.cfg.vocab_size - 1)  # upstream clamps min 0; padding is masked
-        e = self.input_embedding(tok).astype(jnp.float32)
-        return jnp.where(padding_mask(n_tokens, tokens.shape[1])[:, :, None], e, 0.0)
+        return masked_token_embedding(self.input_embedding, tokens, n_tokens, self.cfg.vocab_size)
 
     def embed(self, tokens, n_tokens):
         """tokens [B, N], n_tokens [B] -> (embedding [B, N, 80], mu [B, N*ratio, 80]) float32.
