@@ -20,6 +20,7 @@ speech-tokenizer ONNX models (e.g. the tiny demo folder) need the precomputed sp
 speaker embedding.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import dataclasses
 import logging
@@ -41,7 +42,7 @@ _SPEECH_TOKENIZER = {"cosyvoice2": "speech_tokenizer_v2.onnx", "cosyvoice3": "sp
 _CAMPPLUS = "campplus.onnx"
 
 
-class APIError(ValueError):
+class APIError(CosyJaxError):
     """A request the API cannot serve (missing files for a mode, bad arguments)."""
 
 

@@ -12,6 +12,7 @@ Examples:
 Bad input prints one line `error: ...` on stderr and exits with status 2.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import argparse
 import json
@@ -25,7 +26,7 @@ MODES = ("auto", "zero_shot", "cross_lingual", "instruct2", "sft", "vc")
 EXIT_BAD_INPUT = 2
 
 
-class CLIError(ValueError):
+class CLIError(CosyJaxError):
     """Bad command-line input (reported as one line, exit status 2)."""
 
 

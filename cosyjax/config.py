@@ -6,6 +6,7 @@ importing upstream code; component configs (`HiFTConfig`, `FlowConfig`, `LLMConf
 dataclasses built from `ModelConfig.yaml` by their own packages.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import dataclasses
 import json
@@ -26,7 +27,7 @@ _CLASS_TRIPLES = {
 }
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(CosyJaxError):
     """A model folder that is missing files or does not describe a supported model."""
 
 

@@ -14,6 +14,7 @@ Randomness: one key per request, split into (LLM sampling, vocoder noise); CosyV
 fresh noise at every call (key folded with the call index), CosyVoice3's uses a fixed buffer.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import dataclasses
 import functools
@@ -30,7 +31,7 @@ from cosyjax.streaming import MAX_SILENT_RUN, StreamConfig, make_token2wav, run_
 __all__ = ["PipelineConfig", "Engine", "prepare_inputs", "synthesize", "synthesize_rows", "PipelineInputError"]
 
 
-class PipelineInputError(ValueError):
+class PipelineInputError(CosyJaxError):
     """A model_input the pipeline cannot run (missing keys, bad shapes)."""
 
 

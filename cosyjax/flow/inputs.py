@@ -9,6 +9,7 @@ embedding [B, 192] f32, noise [1|B, N*r, 80]) where N = the smallest bucket hold
 pre_lookahead_len, vocab_size, noise_frames).
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import functools
 from typing import Sequence
@@ -25,7 +26,7 @@ DEFAULT_BUCKETS = (64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536,
                    5120, 6144, 7500)
 
 
-class FlowInputError(ValueError):
+class FlowInputError(CosyJaxError):
     """Inputs that the flow cannot process (lengths, vocabulary, shapes)."""
 
 

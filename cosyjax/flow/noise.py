@@ -26,6 +26,7 @@ regenerate it bit-exactly with numpy:
 ``numel < 16`` uses a different, stateful double-precision path in torch; it is not implemented.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import functools
 import math
@@ -40,7 +41,7 @@ CFM_NOISE_MELS = 80
 CFM_NOISE_SEED = 0
 
 
-class NoiseRequestError(ValueError):
+class NoiseRequestError(CosyJaxError):
     """A noise request that torch's buffer (or this reimplementation) cannot satisfy."""
 
 

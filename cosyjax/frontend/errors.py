@@ -4,6 +4,7 @@ Every bad-input error is a `FrontendError` (a `ValueError`), so callers can catc
 optional package is a `MissingDependencyError` (an `ImportError`) that names the pip extra to install.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 __all__ = [
     "AudioError",
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 
-class FrontendError(ValueError):
+class FrontendError(CosyJaxError):
     """Input the frontend cannot prepare for the models."""
 
 
@@ -70,5 +71,5 @@ class PromptFormatError(FrontendError):
     """Text that breaks a model's prompt convention (CosyVoice3 needs `<|endofprompt|>`)."""
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(ImportError, CosyJaxError):
     """An optional package (onnxruntime, ...) is needed for this call but is not installed."""

@@ -7,6 +7,7 @@ installed (`pip install 'cosyjax[text]'`); otherwise `digits_to_words` below rep
 digit strings (checked against inflect 7.3.1 in the tests when inflect is present).
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import re
 
@@ -29,7 +30,7 @@ _LAST_COMMA_WORD = re.compile(r", (\S+)\s+\Z")
 _SPACES = re.compile(r"\s+")
 
 
-class NumberTooLargeError(ValueError):
+class NumberTooLargeError(CosyJaxError):
     """More than 36 digits: inflect has no name for the thousands group (upstream raises too)."""
 
 

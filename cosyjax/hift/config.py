@@ -6,6 +6,7 @@ with linear phase up-sampling and fresh Gaussian noise); CosyVoice3 builds `Caus
 fixed uniform noise buffer). Missing yaml keys take upstream's constructor defaults.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import dataclasses
 import math
@@ -25,7 +26,7 @@ _DEFAULTS = dict(
 _F0_CLASSES = {"HiFTGenerator": "ConvRNNF0Predictor", "CausalHiFTGenerator": "CausalConvRNNF0Predictor"}
 
 
-class HiFTConfigError(ValueError):
+class HiFTConfigError(CosyJaxError):
     """A `hift:` yaml section this port cannot build (names the offending value)."""
 
 

@@ -26,6 +26,7 @@ finalize=True computation: upstream's look-ahead trims are exactly those prefixe
 later layer is causal (upstream's own check differs by float noise only).
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import collections
 import functools
@@ -51,7 +52,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 """How often each jitted stage was traced (compiled) in this process; for tests and logging."""
 
 
-class HiFTInputError(ValueError):
+class HiFTInputError(CosyJaxError):
     """A vocoder input with the wrong shape, length or dtype (the message names it)."""
 
 

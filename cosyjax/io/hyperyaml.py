@@ -8,6 +8,7 @@ can read, and nothing is imported or executed:
 * `!ref <key>` / `!ref <a[b]>` -> the referenced value; `!ref <a> * <b>` -> the arithmetic result.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import ast
 import dataclasses
@@ -21,7 +22,7 @@ import yaml
 __all__ = ["YamlCall", "YamlError", "load_hyperyaml"]
 
 
-class YamlError(ValueError):
+class YamlError(CosyJaxError):
     """A model yaml that cannot be parsed or references something missing."""
 
 

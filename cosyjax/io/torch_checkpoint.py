@@ -7,6 +7,7 @@
 instantiated: unknown globals raise `CheckpointError`, so a malicious pickle cannot run code.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import collections
 import os
@@ -19,7 +20,7 @@ import numpy as np
 __all__ = ["CheckpointError", "load_state_dict", "load_pickle_tree"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CosyJaxError):
     """A checkpoint file that cannot be read, or whose keys do not match the model."""
 
 

@@ -27,6 +27,7 @@ the text ends are dropped; CV3 starts decoding right after its instruction prefi
 no prompt speech (quirk Q16).
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import functools
 from typing import Iterable, Iterator
@@ -47,7 +48,7 @@ __all__ = ["LLMDecodeError", "generate_bistream"]
 _STEPS = 16  # tokens per jitted segment (>= mix_ratio[1] + 1: one segment covers a fill period)
 
 
-class LLMDecodeError(ValueError):
+class LLMDecodeError(CosyJaxError):
     """The model produced a token upstream treats as an error (e.g. eos in the bistream text phase)."""
 
 

@@ -12,6 +12,7 @@ Id layout (SPEC §3.2/§3.3), with `S = speech_token_size` (6561):
   `<|endofprompt|>` (151646).
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import dataclasses
 from typing import Literal
@@ -34,7 +35,7 @@ _ENDOFPROMPT = 151646  # <|endofprompt|> in the CosyVoice3 tokenizer (upstream h
 _CV3_SILENT_TOKENS = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)  # cli/model.py CosyVoice3Model
 
 
-class LLMConfigError(ValueError):
+class LLMConfigError(CosyJaxError):
     """A model folder whose llm section cannot be used."""
 
 

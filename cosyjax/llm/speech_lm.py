@@ -17,6 +17,7 @@ It is assembled on the host as integer arrays `ids [B, L]` + `kind [B, L]` (whic
 indexes) and embedded on device by `SpeechLM.embed_prompt`.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import dataclasses
 import functools
@@ -39,7 +40,7 @@ __all__ = [
 KIND_PAD, KIND_TEXT, KIND_SPEECH, KIND_SPECIAL = 0, 1, 2, 3  # which table `ids` index
 
 
-class LLMInputError(ValueError):
+class LLMInputError(CosyJaxError):
     """Bad input to the speech LM (shapes, lengths, ids out of range, missing <|endofprompt|>)."""
 
 

@@ -7,6 +7,7 @@ those widths only work when they equal the encoder's `output_size`, so we take t
 pre_lookahead_layer | up_layer, !new:...]` entry (as the tiny golden yaml does), whose widths win.
 """
 from __future__ import annotations
+from cosyjax.errors import CosyJaxError
 
 import dataclasses
 from typing import Any
@@ -16,7 +17,7 @@ from cosyjax.io.hyperyaml import YamlCall
 __all__ = ["EncoderCV2Config", "UNetConfig", "FlowCV2Config", "FlowConfigError"]
 
 
-class FlowConfigError(ValueError):
+class FlowConfigError(CosyJaxError):
     """A flow section of the yaml that this port does not support or cannot read."""
 
 
