@@ -22,6 +22,7 @@ speaker embedding.
 from __future__ import annotations
 from cosyjax.errors import CosyJaxError
 
+import collections.abc
 import dataclasses
 import logging
 import os
@@ -32,9 +33,9 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from cosyjax.config import ModelConfig, ModelFolderError
-from cosyjax.prompt import PrecomputedPrompt, PromptError, is_prompt_npz
+from cosyjax.prompt import PrecomputedPrompt, Prompt, PromptError, is_prompt_npz
 
-__all__ = ["CosyVoice", "PrecomputedPrompt", "convert_model_dir", "describe_model_dir", "APIError"]
+__all__ = ["CosyVoice", "Prompt", "PrecomputedPrompt", "convert_model_dir", "describe_model_dir", "APIError"]
 
 log = logging.getLogger("cosyjax")
 
@@ -110,9 +111,18 @@ class CosyVoice:
                            "text modes need it (cosyjax.demo.build_demo_model_dir makes a demo folder with one)")
 
     def text_normalize(self, text, split: bool = True, text_frontend: bool = True):
-        """Upstream `frontend.text_normalize`: list of segments (split=True) or the normalised string."""
+        """Upstream `frontend.text_normalize`: list of segments (split=True) or the normalised string.
+
+        A generator of text pieces (bistream input) is passed through unnormalised as one segment, as upstream
+        does; it is accepted only as the text to speak (split=True)."""
+        if isinstance(text, collections.abc.Iterator):
+            if not split:
+                raise APIError("a text generator can only be the text to speak (tts_text), not a prompt or "
+                               "instruct text: pass a str")
+            log.info("tts_text is a generator: bistream input, text normalisation skipped (as upstream)")
+            return [text]
         if not isinstance(text, str):
-            raise APIError(f"text must be a str, got {type(text).__name__}")
+            raise APIError(f"text must be a str or a generator of str pieces, got {type(text).__name__}")
         self._check_tokenizer()
         return self.frontend.text_normalize(text, split=split, text_frontend=text_frontend)
 
@@ -123,43 +133,18 @@ class CosyVoice:
                 "folder, or pass precomputed features (a prompt .npz with speech_token / speech_feat / embedding, "
                 "or --prompt-speech-tokens / --prompt-embedding)")
 
-    def prompt_features(self, prompt_wav):
-        """The frontend's `PromptFeatures` (tokens [1, L], mel [1, F, 80], embedding [1, 192]; unaligned) of
-        a prompt given as audio (path / `(samples, rate)`), a prompt `.npz`, a `PrecomputedPrompt` or
-        frontend `PromptFeatures`."""
-        from cosyjax.frontend.model_inputs import PromptFeatures
-
+    def prompt_features(self, prompt_wav) -> Prompt:
+        """The complete `Prompt` (tokens [P], mel [F, 80], embedding [192]; unaligned) of a prompt given as audio
+        (path / `(samples, rate)`), a prompt `.npz` or a `Prompt` (`Frontend.prepare_prompt`)."""
         if prompt_wav is None:
             raise APIError("this mode needs a prompt (prompt_wav)")
-        if isinstance(prompt_wav, PromptFeatures):
-            return prompt_wav
-        if isinstance(prompt_wav, PrecomputedPrompt):
-            pre = prompt_wav
-        elif is_prompt_npz(prompt_wav):
-            pre = PrecomputedPrompt.load(prompt_wav)
-        else:
-            pre = PrecomputedPrompt(wav=prompt_wav)
-        front = self.frontend
-        audio = front.load_prompt(pre.wav) if pre.wav is not None else None
-        feat, tok, emb = pre.speech_feat, pre.speech_token, pre.embedding
-        if audio is not None:
-            if feat is None:
-                feat = front.extract_speech_feat(audio)[0][0]
-            if tok is None:
-                self._need_onnx(_SPEECH_TOKENIZER[self.version], "extracting prompt speech tokens")
-                tok = front.extract_speech_token(audio)[0][0]
-            if emb is None:
-                self._need_onnx(_CAMPPLUS, "extracting the prompt speaker embedding")
-                emb = front.extract_spk_embedding(audio)[0]
-        missing = [n for n, v in (("speech_token", tok), ("speech_feat", feat), ("embedding", emb)) if v is None]
-        if missing:
-            raise PromptError(f"prompt features lack {', '.join(missing)} (give a prompt wav or complete features)")
-        return PromptFeatures(np.asarray(tok, np.int32).reshape(1, -1), np.asarray(feat, np.float32)[None],
-                              np.asarray(emb, np.float32).reshape(1, -1), source=str(pre.wav or "precomputed"))
+        if isinstance(prompt_wav, collections.abc.Iterator):
+            raise APIError("prompt_wav cannot be a generator: give a path, (samples, rate), a prompt .npz or a Prompt")
+        return self.frontend.prepare_prompt(prompt_wav)
 
     def _source_tokens(self, source_wav) -> np.ndarray:
-        if isinstance(source_wav, PrecomputedPrompt) or is_prompt_npz(source_wav):
-            pre = source_wav if isinstance(source_wav, PrecomputedPrompt) else PrecomputedPrompt.load(source_wav)
+        if isinstance(source_wav, Prompt) or is_prompt_npz(source_wav):
+            pre = source_wav if isinstance(source_wav, Prompt) else Prompt.load(source_wav)
             if pre.speech_token is None:
                 raise PromptError("source features need speech_token")
             return pre.speech_token.reshape(1, -1)
@@ -192,11 +177,11 @@ class CosyVoice:
         prompt = self.prompt_features(prompt_wav)
         tok = self._source_tokens(source_wav)
         return {"source_speech_token": tok, "source_speech_token_len": np.array([tok.shape[1]], np.int32),
-                "flow_prompt_speech_token": prompt.speech_token,
-                "flow_prompt_speech_token_len": np.array([prompt.speech_token.shape[1]], np.int32),
-                "prompt_speech_feat": prompt.speech_feat,
-                "prompt_speech_feat_len": np.array([prompt.speech_feat.shape[1]], np.int32),
-                "flow_embedding": prompt.embedding}
+                "flow_prompt_speech_token": prompt.speech_token[None],
+                "flow_prompt_speech_token_len": np.array([prompt.speech_token.shape[0]], np.int32),
+                "prompt_speech_feat": prompt.speech_feat[None],
+                "prompt_speech_feat_len": np.array([prompt.speech_feat.shape[0]], np.int32),
+                "flow_embedding": prompt.embedding[None]}
 
     # ------------------------------------------------------------------------------------ speakers
     def list_available_spks(self) -> list[str]:
@@ -211,15 +196,16 @@ class CosyVoice:
 
     # ------------------------------------------------------------------------------------ synthesis
     def tts(self, model_input: dict, stream: bool = False, speed: float = 1.0, key=None,
-            records: Optional[list] = None) -> Iterator[dict]:
-        """`CosyVoice2Model.tts`: one model_input -> yields {'tts_speech': float32 [1, N]}."""
+            records: Optional[list] = None, incremental: bool = True) -> Iterator[dict]:
+        """`CosyVoice2Model.tts`: one model_input -> yields {'tts_speech': float32 [1, N]} (streaming: per chunk,
+        with 'work' = {'flow_frames', 'vocoder_frames'} computed for it). incremental=False streams by
+        recomputing the prefix every chunk (upstream's algorithm; the reference)."""
         if speed <= 0:
             raise APIError(f"speed must be > 0, got {speed}")
-        for audio in self.engine.tts(model_input, stream=stream, speed=speed, key=_seed_key(key=key),
-                                     records=records):
-            yield {"tts_speech": audio}
+        yield from self.engine.generate(model_input, stream=stream, speed=speed, key=_seed_key(key=key),
+                                        records=records, incremental=incremental)
 
-    def _run(self, segments, build, stream, speed, seed, key):
+    def _run(self, segments, build, stream, speed, seed, key, incremental=True):
         import jax
 
         from tqdm import tqdm
@@ -228,47 +214,55 @@ class CosyVoice:
         for i, seg in enumerate(tqdm(segments, disable=not log.isEnabledFor(logging.INFO), file=sys.stderr)):
             mi = build(seg)
             t0 = time.time()
-            for out in self.tts(mi, stream=stream, speed=speed, key=jax.random.fold_in(key, i)):
+            for out in self.tts(mi, stream=stream, speed=speed, key=jax.random.fold_in(key, i),
+                                incremental=incremental):
                 n = out["tts_speech"].shape[1] / self.sample_rate
                 log.info("yield speech len %.2f s, rtf %.3f", n, (time.time() - t0) / max(n, 1e-9))
                 yield out
                 t0 = time.time()
 
-    def inference_sft(self, tts_text, spk_id, stream=False, speed=1.0, text_frontend=True, *, seed=None, key=None):
+    def inference_sft(self, tts_text, spk_id, stream=False, speed=1.0, text_frontend=True, *, seed=None, key=None,
+                      incremental=True):
         segs = self.text_normalize(tts_text, split=True, text_frontend=text_frontend)
-        yield from self._run(segs, lambda s: self.frontend_sft(s, spk_id), stream, speed, seed, key)
+        yield from self._run(segs, lambda s: self.frontend_sft(s, spk_id), stream, speed, seed, key, incremental)
 
     def inference_zero_shot(self, tts_text, prompt_text, prompt_wav, zero_shot_spk_id="", stream=False, speed=1.0,
-                            text_frontend=True, *, seed=None, key=None):
+                            text_frontend=True, *, seed=None, key=None,
+                      incremental=True):
         prompt_text = self.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
         segs = self.text_normalize(tts_text, split=True, text_frontend=text_frontend)
         if not zero_shot_spk_id:
             prompt_wav = self.prompt_features(prompt_wav)  # extract once for all segments
         for s in segs:
-            if len(s) < 0.5 * len(prompt_text):
+            if isinstance(s, str) and len(s) < 0.5 * len(prompt_text):
                 log.warning("synthesis text %s too short than prompt text %s, this may lead to bad performance",
                             s, prompt_text)
         yield from self._run(segs, lambda s: self.frontend_zero_shot(s, prompt_text, prompt_wav, zero_shot_spk_id),
-                             stream, speed, seed, key)
+                             stream, speed, seed, key, incremental)
 
     def inference_cross_lingual(self, tts_text, prompt_wav, zero_shot_spk_id="", stream=False, speed=1.0,
-                                text_frontend=True, *, seed=None, key=None):
+                                text_frontend=True, *, seed=None, key=None,
+                      incremental=True):
         segs = self.text_normalize(tts_text, split=True, text_frontend=text_frontend)
         if not zero_shot_spk_id:
             prompt_wav = self.prompt_features(prompt_wav)
         yield from self._run(segs, lambda s: self.frontend_cross_lingual(s, prompt_wav, zero_shot_spk_id),
-                             stream, speed, seed, key)
+                             stream, speed, seed, key, incremental)
 
     def inference_instruct2(self, tts_text, instruct_text, prompt_wav, zero_shot_spk_id="", stream=False, speed=1.0,
-                            text_frontend=True, *, seed=None, key=None):
+                            text_frontend=True, *, seed=None, key=None,
+                      incremental=True):
         segs = self.text_normalize(tts_text, split=True, text_frontend=text_frontend)
         if not zero_shot_spk_id:
             prompt_wav = self.prompt_features(prompt_wav)
         yield from self._run(segs, lambda s: self.frontend_instruct2(s, instruct_text, prompt_wav, zero_shot_spk_id),
-                             stream, speed, seed, key)
+                             stream, speed, seed, key, incremental)
 
-    def inference_vc(self, source_wav, prompt_wav, stream=False, speed=1.0, *, seed=None, key=None):
-        yield from self._run([None], lambda _: self.frontend_vc(source_wav, prompt_wav), stream, speed, seed, key)
+    def inference_vc(self, source_wav, prompt_wav, stream=False, speed=1.0, *, seed=None, key=None, incremental=True):
+        if isinstance(source_wav, collections.abc.Iterator):
+            raise APIError("source_wav cannot be a generator: voice conversion needs the whole source audio")
+        yield from self._run([None], lambda _: self.frontend_vc(source_wav, prompt_wav), stream, speed, seed, key,
+                             incremental)
 
     def inference_instruct(self, *args, **kwargs):
         raise APIError("inference_instruct is only implemented for CosyVoice-300M; use inference_instruct2")
@@ -298,6 +292,8 @@ class CosyVoice:
             kw = dict(kw)
             if kw.get("prompt_wav") is not None and not kw.get("zero_shot_spk_id"):
                 kw["prompt_wav"] = self.prompt_features(kw["prompt_wav"])
+            if isinstance(kw.get("tts_text"), collections.abc.Iterator):
+                raise APIError(f"request {r}: a text generator (bistream) cannot be batched; use inference_{mode}")
             for s in self.text_normalize(kw["tts_text"], split=True, text_frontend=text_frontend):
                 inputs.append(builders[mode](kw, s))
                 owner.append(r)

@@ -1,61 +1,62 @@
-"""Text tokens -> speech: LLM -> (silent filter) -> flow -> HiFT.
+"""The one inference engine: text tokens -> LLM -> (silent filter) -> flow -> HiFT, on jitted stages only.
 
-Two ways to run it:
+* `synthesize(params, inputs, key, config, shapes) -> (wav [B, S], wav_len [B])` is the pure, traceable,
+  batched non-streaming core (static shapes from `StaticShapes`; lengths as masks). `prepare_inputs`
+  packs `ModelInput`s into its arrays on the host. It serves one request (B = 1) as well as a batch:
+  every row gets the audio it would get alone with its key (`synthesize_rows`, vmapped per-row keys).
+  `speed` is a traced per-row input (not a recompile); voice conversion and replayed tokens skip the LLM.
+* Streaming is `cosyjax.streaming`'s scheduler driving the same jitted stages: the LLM's one decode loop
+  in chunks, the flow and the vocoder incrementally (`incremental=True`: cached K/V and conv state, cost
+  grows with the chunk) or by recomputing the prefix as upstream does (`incremental=False`, the reference).
+* `Engine` holds the prepared parameters (cast once) and is what the API, CLI and server call.
 
-* `synthesize(params, inputs, key, config) -> (wav [B, S], wav_len [B])`: the pure, jittable batched
-  core (static shapes; lengths as masks). `inputs` come from `prepare_inputs` (host side: prompt
-  layout, buckets) and every row gets the audio it would get alone. Usable under `jax.jit` and
-  `jax.vmap`.
-* `Engine`: the host-side driver used by the API: per-request non-streaming and streaming synthesis
-  with upstream's schedule (`cosyjax.streaming`), exact (unpadded) lengths for each component call,
-  and `synthesize_batch` over the jitted core.
-
-Randomness: one key per request, split into (LLM sampling, vocoder noise); CosyVoice2's HiFT draws
-fresh noise at every call (key folded with the call index), CosyVoice3's uses a fixed buffer.
+Randomness: one key per request, split into (LLM sampling, vocoder noise); CosyVoice2's HiFT draws fresh
+noise at every vocoder call (the vocoder key folded with the call index), CosyVoice3's reads a fixed buffer.
 """
 from __future__ import annotations
-from cosyjax.errors import CosyJaxError
 
 import dataclasses
 import functools
 import importlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cosyjax.errors import CosyJaxError
+from cosyjax.model_input import ModelInput
+from cosyjax.nn.numerics import Numerics
 from cosyjax.pipeline_ops import filter_silent_batch, length_mask, resize_linear
-from cosyjax.streaming import MAX_SILENT_RUN, StreamConfig, make_token2wav, run_tts
+from cosyjax.streaming import MAX_SILENT_RUN, StreamConfig
 
-__all__ = ["PipelineConfig", "Engine", "prepare_inputs", "synthesize", "synthesize_rows", "PipelineInputError"]
+__all__ = ["PipelineConfig", "StaticShapes", "Engine", "prepare_inputs", "prepare_params", "synthesize",
+           "synthesize_rows", "PipelineInputError"]
 
 
 class PipelineInputError(CosyJaxError):
-    """A model_input the pipeline cannot run (missing keys, bad shapes)."""
+    """A model input the pipeline cannot run (missing parts, bad shapes, a batch it cannot form)."""
 
 
 def _flow_module(version: str):
     return importlib.import_module("cosyjax.flow.cv2.model" if version == "cosyvoice2" else "cosyjax.flow.cv3.model")
 
 
+def _vocoder():
+    return importlib.import_module("cosyjax.hift.vocoder")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """Static configuration (hashable: a `jax.jit` static argument)."""
+    """The model: component configs, sampling, numerics and the streaming constants (hashable, static)."""
 
     version: str
     llm: Any  # LLMConfig
     flow: Any  # FlowCV2Config | FlowCV3Config
     hift: Any  # HiFTConfig
     sampling: str = "ras"
-    dtype: str = "float32"
-    attention: str = "auto"
+    numerics: Numerics = Numerics()
     stream: StreamConfig = StreamConfig()
-    # static sizes of one compiled `synthesize` program (filled in by `prepare_inputs`)
-    max_new: int = 0  # LLM output slots
-    capacity: int = 0  # LLM KV-cache capacity
-    flow_tokens: int = 0  # flow bucket (prompt + new tokens)
-    speed: float = 1.0
 
     @property
     def silent_tokens(self) -> tuple[int, ...]:
@@ -65,258 +66,361 @@ class PipelineConfig:
     def samples_per_frame(self) -> int:
         return self.hift.upsample_scale
 
+    @property
+    def dtype(self) -> str:
+        return self.numerics.dtype
+
+    @property
+    def attention(self) -> str:
+        return self.numerics.attention
+
     @classmethod
-    def from_model_config(cls, mc, dtype: str = "float32", attention: str = "auto", sampling: str = "ras"):
+    def from_model_config(cls, mc, dtype: str = "float32", attention: str = "auto", sampling: str = "ras",
+                          hift_precision: Optional[str] = "highest") -> "PipelineConfig":
         from convert.registry import component_module
         from cosyjax.llm.config import LLMConfig
 
-        llm = LLMConfig.from_model_config(mc, dtype=dtype, attention_impl=attention)
+        numerics = Numerics(dtype=dtype, attention=attention, hift_precision=hift_precision)
+        llm = LLMConfig.from_model_config(mc, dtype=numerics.dtype, attention_impl=numerics.attention)
         flow = component_module("flow").config_from(mc)
         hift = component_module("hift").config_from(mc)
-        return cls(version=mc.version, llm=llm, flow=flow, hift=hift, sampling=sampling, dtype=dtype,
-                   attention=attention,
+        return cls(version=mc.version, llm=llm, flow=flow, hift=hift, sampling=sampling, numerics=numerics,
                    stream=StreamConfig(token_mel_ratio=mc.token_mel_ratio, samples_per_frame=hift.upsample_scale,
                                        pre_lookahead_len=int(flow.pre_lookahead_len)))
 
 
-def _prepare_params(params: dict, config: PipelineConfig) -> dict:
+@dataclasses.dataclass(frozen=True)
+class StaticShapes:
+    """The compiled sizes of one `synthesize` program (hashable, static), apart from the model config.
+
+    A new input whose lengths fall in the same buckets reuses the program; `speed` is a traced input.
+    """
+
+    batch: int
+    tokens: str  # 'llm' (the LLM generates) | 'given' (voice conversion / replayed tokens)
+    filter_silent: bool  # apply CosyVoice3's silent-token filter (llm_job); off for voice conversion
+    max_new: int  # LLM output slots, or the given-token width
+    capacity: int  # LLM KV-cache slots (0 without the LLM)
+    flow_tokens: int  # flow bucket: prompt + new tokens
+    mel_frames: int  # vocoder frames (>= flow frames; larger when a row's speed < 1)
+
+
+def prepare_params(params: dict, config: PipelineConfig) -> dict:
+    """Place the parameters once, cast as the numerics say (matmul weights in the compute dtype; the
+    CosyVoice3 f0 predictor float64 via `hift.vocoder.device_params`)."""
     from cosyjax.llm.speech_lm import cast_params
 
-    llm = params["llm"]
-    if config.dtype != "float32":
-        llm = cast_params(llm, config.dtype)
-    return jax.device_put({"llm": llm, "flow": params["flow"], "hift": params["hift"]})
+    dtype = config.numerics.dtype
+    llm, flow = params["llm"], params["flow"]
+    if dtype != "float32":
+        llm = cast_params(llm, dtype)
+        flow = _flow_module(config.version).cast_matmul_weights(flow, dtype)
+    placed = jax.device_put({"llm": llm, "flow": flow})
+    placed["hift"] = _vocoder().device_params(params["hift"], config.hift)
+    return placed
 
 
 # =============================================================================================
-# vocoder adapter (cosyjax.hift.vocoder)
+# host side: ModelInputs -> padded arrays + static shapes
 
-def _vocoder():
-    return importlib.import_module("cosyjax.hift.vocoder")
+def _pad_rows(rows: Sequence[np.ndarray], width: int, dtype) -> np.ndarray:
+    out = np.zeros((len(rows), width), dtype)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return out
 
 
-def vocode_core(hift_params, cfg, mel, mel_len, key):
-    """Traceable HiFT on a padded batch: mel [B, T, 80], mel_len [B] -> wav [B, T*480] (zero past the end).
+def prepare_inputs(config: PipelineConfig, model_inputs: Sequence, *, speed=1.0, max_len=None, min_len=None,
+                   tokens: Optional[Sequence] = None, hift_noise=None) -> tuple[dict, StaticShapes]:
+    """Pack model inputs (`ModelInput` or upstream dicts) into the arrays `synthesize` takes.
 
-    `cosyjax.hift.vocoder.vocode_padded` (traceable; its f0 stage runs under a local x64 context,
-    CosyVoice3's f0 predictor being float64 upstream). Noise comes from `key` (CosyVoice2: Gaussian
-    per call; CosyVoice3: the fixed buffer, key unused).
+    speed: float or one per row (> 0). tokens: per-row speech tokens to use instead of the LLM (the
+    silent filter still applies; voice-conversion inputs bring their own and are not filtered).
+    hift_noise: injected vocoder noise [B|1, >= frames*480, 9] (parity), else drawn from the key.
+    Returns (inputs, shapes).
     """
-    lengths = jnp.maximum(mel_len, 1).astype(jnp.int32)
-    wav, _ = _vocoder().vocode_padded(hift_params, cfg, mel, lengths, finalize=True,
-                                      key=None if cfg.causal else key)
-    return wav
-
-
-# =============================================================================================
-# the jittable batched core
-
-def prepare_inputs(config: PipelineConfig, model_inputs: Sequence[dict], keys=None, *, speed: float = 1.0,
-                   max_len=None, min_len=None) -> tuple[dict, PipelineConfig]:
-    """Host side: pack upstream-style model_input dicts into the padded arrays `synthesize` takes.
-
-    Returns (inputs, config with the static sizes of this batch). keys: one jax key per row (only
-    the LLM rows' sampling keys are derived from them here; `synthesize` takes its own key too).
-    """
-    from cosyjax.flow.inputs import seed0_noise_np
-    from cosyjax.llm.generate import prepare
+    from cosyjax.flow.inputs import bucket_for, seed0_noise_np
+    from cosyjax.hift.vocoder import bucket_length as hift_bucket
+    from cosyjax.llm.generate import bucket_length, prepare
 
     B = len(model_inputs)
     if B == 0:
-        raise PipelineInputError("no inputs")
-    text, ptext, pspeech = [], [], []
-    ftok, ffeat, femb = [], [], []
-    for i, mi in enumerate(model_inputs):
-        if "text" not in mi:
-            raise PipelineInputError(f"input {i}: batched synthesis needs text (voice conversion is not batched)")
-        text.append(_row(mi["text"]))
-        ptext.append(_row(mi.get("prompt_text")))
-        pspeech.append(_row(mi.get("llm_prompt_speech_token")))
-        ftok.append(_row(mi.get("flow_prompt_speech_token")))
-        feat = np.asarray(mi.get("prompt_speech_feat", np.zeros((1, 0, 80), np.float32)), np.float32)
-        ffeat.append(feat.reshape(-1, feat.shape[-1]))
-        emb = mi.get("flow_embedding")
-        if emb is None or np.asarray(emb).size == 0:
-            raise PipelineInputError(f"input {i}: flow_embedding (speaker embedding) is required")
-        femb.append(np.asarray(emb, np.float32).reshape(-1))
-    pad = lambda rows, dt: _pad_rows(rows, dt)  # noqa: E731
-    text_a, text_l = pad(text, np.int32)
-    pt_a, pt_l = pad(ptext, np.int32)
-    ps_a, ps_l = pad(pspeech, np.int32)
-    p = prepare(config.llm, text_a, text_l, pt_a, pt_l, ps_a, ps_l, key=jax.random.PRNGKey(0),
-                sampling=config.sampling, max_len=max_len, min_len=min_len)
-    # flow bucket: prompt + every token the LLM may produce
-    flow_mod = _flow_module(config.version)
-    P = np.array([len(r) for r in ftok])
-    for i, (r, f) in enumerate(zip(ftok, ffeat)):
-        if f.shape[0] != 2 * len(r):
-            raise PipelineInputError(f"input {i}: prompt_speech_feat has {f.shape[0]} frames, flow prompt has "
-                                     f"{len(r)} tokens (need 2 frames per token)")
-    N = flow_mod.bucket_for(int((P + p.max_len).max()))
-    T = N * config.flow.token_mel_ratio
-    ftok_a = np.zeros((B, N), np.int32)
+        raise PipelineInputError("no model inputs to synthesise")
+    r = config.flow.token_mel_ratio
+    mis = [ModelInput.from_dict(m, r) for m in model_inputs]
+    kinds = {m.kind for m in mis}
+    if "bistream" in kinds:
+        raise PipelineInputError("a text generator (bistream) cannot be batched: stream it through Engine.generate "
+                                 "or CosyVoice.inference_* one request at a time")
+    if len(kinds) > 1 or (tokens is not None and "tokens" in kinds):
+        raise PipelineInputError("a batch cannot mix voice conversion (source_speech_token) with text rows")
+    speeds = np.broadcast_to(np.asarray(speed, np.float64), (B,)).astype(np.float32)
+    if not np.all(np.isfinite(speeds)) or np.any(speeds <= 0):
+        raise PipelineInputError(f"speed must be > 0, got {np.asarray(speed).tolist()}")
+    inputs: dict[str, Any] = {}
+    vc = kinds == {"tokens"}
+    if vc or tokens is not None:
+        given = [m.source_speech_token for m in mis] if vc else [np.asarray(t, np.int32).reshape(-1) for t in tokens]
+        if len(given) != B:
+            raise PipelineInputError(f"tokens has {len(given)} rows for {B} model inputs")
+        for b, g in enumerate(given):
+            if g.size and (g.min() < 0 or g.max() >= config.flow.vocab_size):
+                raise PipelineInputError(f"row {b}: speech tokens outside [0, {config.flow.vocab_size})")
+        width = bucket_length(max(1, max(len(g) for g in given)))
+        inputs["given_tokens"] = _pad_rows(given, width, np.int32)
+        inputs["given_len"] = np.array([len(g) for g in given], np.int32)
+        n_new, capacity, source = width, 0, "given"
+    else:
+        p = prepare(config.llm, _pad_rows([m.text for m in mis], max(len(m.text) for m in mis), np.int32),
+                    np.array([len(m.text) for m in mis]),
+                    _pad_rows([m.prompt_text for m in mis], max(1, max(len(m.prompt_text) for m in mis)), np.int32),
+                    np.array([len(m.prompt_text) for m in mis]),
+                    _pad_rows([m.llm_prompt_speech_token for m in mis],
+                              max(1, max(len(m.llm_prompt_speech_token) for m in mis)), np.int32),
+                    np.array([len(m.llm_prompt_speech_token) for m in mis]),
+                    key=jax.random.PRNGKey(0), sampling=config.sampling, max_len=max_len, min_len=min_len)
+        inputs.update(llm_ids=p.ids, llm_kind=p.kind, llm_start=p.start, llm_min_len=p.min_len,
+                      llm_max_len=p.max_len)
+        n_new, capacity, source = p.max_new, p.capacity, "llm"
+    P = np.array([m.prompt_len for m in mis], np.int32)
+    N = bucket_for(int((P + n_new).max()))
+    T = N * r
+    ftok = np.zeros((B, N), np.int32)
     cond = np.zeros((B, T, 80), np.float32)
-    for b in range(B):
-        ftok_a[b, :P[b]] = ftok[b]
-        cond[b, :2 * P[b]] = ffeat[b]
-    inputs = dict(llm_ids=p.ids, llm_kind=p.kind, llm_start=p.start, llm_min_len=p.min_len, llm_max_len=p.max_len,
-                  flow_prompt_token=ftok_a, flow_prompt_len=P.astype(np.int32), flow_cond=cond,
-                  flow_embedding=np.stack(femb), flow_noise=seed0_noise_np(T, 80))
-    cfg = dataclasses.replace(config, max_new=p.max_new, capacity=p.capacity, flow_tokens=N, speed=float(speed))
-    return inputs, cfg
+    for b, m in enumerate(mis):
+        ftok[b, :P[b]] = m.flow_prompt_speech_token
+        cond[b, :r * P[b]] = m.prompt_speech_feat
+    T_out = T if speeds.min() >= 1.0 else hift_bucket(int(np.ceil(T / float(speeds.min()))))
+    inputs.update(flow_prompt_token=ftok, flow_prompt_len=P, flow_cond=cond,
+                  flow_embedding=np.stack([m.flow_embedding for m in mis]), flow_noise=seed0_noise_np(T, 80),
+                  speed=speeds)
+    if hift_noise is not None:
+        n = np.asarray(hift_noise, np.float32)
+        S = T_out * config.samples_per_frame
+        if n.ndim != 3 or n.shape[0] not in (1, B) or n.shape[2] != config.hift.num_harmonics:
+            raise PipelineInputError(f"hift_noise must be [1 or {B}, samples, {config.hift.num_harmonics}], "
+                                     f"got {n.shape}")
+        pad = np.zeros((B, S, n.shape[2]), np.float32)
+        w = min(S, n.shape[1])
+        pad[:, :w] = n[:, :w]
+        inputs["hift_noise"] = pad
+    shapes = StaticShapes(batch=B, tokens=source, filter_silent=not vc and bool(config.silent_tokens),
+                          max_new=n_new, capacity=capacity, flow_tokens=N, mel_frames=T_out)
+    return inputs, shapes
 
 
-def _row(x) -> np.ndarray:
-    if x is None:
-        return np.zeros(0, np.int32)
-    a = np.asarray(x)
-    if a.ndim == 2:
-        if a.shape[0] != 1:
-            raise PipelineInputError(f"expected one row, got shape {a.shape}")
-        a = a[0]
-    return a.astype(np.int32).reshape(-1)
-
-
-def _pad_rows(rows, dtype):
-    W = max(1, max(len(r) for r in rows))
-    out = np.zeros((len(rows), W), dtype)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = r
-    return out, np.array([len(r) for r in rows], np.int32)
-
-
-def _llm_draws(config: PipelineConfig, key, B: int):
+def _llm_draws(config: PipelineConfig, key, B: int, max_new: int):
     """Sampling uniforms [B, max_new, 2] for the LLM program (greedy: unused placeholder)."""
     from cosyjax.llm.sampling import uniforms_from_keys
 
     if config.sampling == "greedy":
         return jnp.zeros((B, 1, 2), jnp.float32)
-    return uniforms_from_keys(jax.random.split(key, B), config.max_new)
-
-
-def synthesize(params, inputs: dict, key, config: PipelineConfig):
-    """The whole pipeline on a padded batch -> (wav [B, S] float32 (zero past wav_len), wav_len [B] int32).
-
-    params: {'llm', 'flow', 'hift'} trees; inputs / config: from `prepare_inputs`; key: one jax key
-    (split into per-row LLM keys and the vocoder noise key). S = flow bucket frames x 480 / speed.
-    Pure and traceable: wrap it in `jax.jit(..., static_argnames='config')` and/or `jax.vmap` (vmap
-    the plain function, as `synthesize_rows` does: CosyVoice3's f0 stage is traced in a local x64
-    context, which a vmap applied to an already-jitted wrapper would re-trace outside that context).
-    """
-    from cosyjax.llm.generate import generate_traced
-
-    B = inputs["llm_ids"].shape[0]
-    k_llm, k_voc = jax.random.split(key)
-    k_voc = jax.random.fold_in(k_voc, 0)  # = the Engine's first (and only) vocoder call of a request
-    tokens, n_tok = generate_traced(
-        params["llm"], config.llm, inputs["llm_ids"], inputs["llm_kind"], inputs["llm_start"], inputs["llm_min_len"],
-        inputs["llm_max_len"], _llm_draws(config, k_llm, B), method=config.sampling, max_new=config.max_new,
-        capacity=config.capacity)
-    tokens = jnp.maximum(tokens, 0)
-    tokens, n_tok = filter_silent_batch(tokens, n_tok, config.silent_tokens, MAX_SILENT_RUN)
-    # flow input: prompt tokens ++ generated tokens per row
-    N = config.flow_tokens
-    P = inputs["flow_prompt_len"]
-    pos = jnp.arange(N)[None, :]
-    gen_idx = jnp.clip(pos - P[:, None], 0, tokens.shape[1] - 1)
-    gen = jnp.take_along_axis(tokens, gen_idx, axis=1)
-    flow_tok = jnp.where(pos < P[:, None], inputs["flow_prompt_token"], gen)
-    n_flow = P + n_tok
-    flow_tok = jnp.where(pos < n_flow[:, None], flow_tok, 0)
-    flow_mod = _flow_module(config.version)
-    out = flow_mod.flow_core(params["flow"], flow_tok, n_flow, P, jnp.zeros_like(P), inputs["flow_cond"],
-                             inputs["flow_embedding"], inputs["flow_noise"], cfg=config.flow, streaming=False,
-                             dtype=config.dtype, attention_impl=config.attention)
-    mel, mel_len = out["mel"], out["mel_len"]
-    if config.speed != 1.0:
-        T_out = int(np.ceil(mel.shape[1] / config.speed))
-        new_len = jnp.floor(mel_len.astype(jnp.float32) / config.speed).astype(jnp.int32)
-        mel = resize_linear(mel, mel_len, new_len, T_out)
-        mel_len = new_len
-    wav = vocode_core(params["hift"], config.hift, mel, mel_len, k_voc)
-    wav_len = mel_len * config.samples_per_frame
-    wav = jnp.where(length_mask(wav_len, wav.shape[1]), wav, 0.0)
-    return wav, wav_len
+    return uniforms_from_keys(jax.random.split(key, B), max_new)
 
 
 # =============================================================================================
-# host-side engine (exact lengths per call, streaming)
+# the jittable batched core
+
+def synthesize(params, inputs: dict, key, config: PipelineConfig, shapes: StaticShapes):
+    """The whole pipeline on a padded batch -> (wav [B, S] float32 (zero past wav_len), wav_len [B] int32).
+
+    params: `prepare_params` output; inputs / shapes: from `prepare_inputs`; key: one jax key (split into
+    per-row LLM keys and the vocoder key). S = shapes.mel_frames x 480. Pure and traceable: wrap it in
+    `jax.jit(..., static_argnames=('config', 'shapes'))` and/or `jax.vmap` (vmap the plain function, as
+    `synthesize_rows` does).
+    """
+    from cosyjax.llm.generate import generate_traced
+
+    B = inputs["flow_prompt_len"].shape[0]
+    k_llm, k_voc = jax.random.split(key)
+    k_voc = jax.random.fold_in(k_voc, 0)  # = the first (and only) vocoder call of a request
+    if shapes.tokens == "llm":
+        tokens, n_tok = generate_traced(
+            params["llm"], config.llm, inputs["llm_ids"], inputs["llm_kind"], inputs["llm_start"],
+            inputs["llm_min_len"], inputs["llm_max_len"], _llm_draws(config, k_llm, B, shapes.max_new),
+            method=config.sampling, max_new=shapes.max_new, capacity=shapes.capacity)
+        tokens = jnp.maximum(tokens, 0)
+    else:
+        tokens, n_tok = inputs["given_tokens"], inputs["given_len"]
+    if shapes.filter_silent:
+        tokens, n_tok = filter_silent_batch(tokens, n_tok, config.silent_tokens, MAX_SILENT_RUN)
+    # flow input: prompt tokens ++ generated tokens per row
+    N = shapes.flow_tokens
+    P = inputs["flow_prompt_len"]
+    pos = jnp.arange(N)[None, :]
+    gen = jnp.take_along_axis(tokens, jnp.clip(pos - P[:, None], 0, tokens.shape[1] - 1), axis=1)
+    n_flow = P + n_tok
+    flow_tok = jnp.where(pos < P[:, None], inputs["flow_prompt_token"], gen)
+    flow_tok = jnp.where(pos < n_flow[:, None], flow_tok, 0)
+    num = config.numerics
+    out = _flow_module(config.version).flow_core(
+        params["flow"], flow_tok, n_flow, P, jnp.zeros_like(P), inputs["flow_cond"], inputs["flow_embedding"],
+        inputs["flow_noise"], cfg=config.flow, streaming=False, dtype=num.dtype, attention_impl=num.attention)
+    mel, mel_len = out["mel"], out["mel_len"]
+    # speed (upstream: F.interpolate(mel, size=int(T / speed), mode='linear') before HiFT); exact identity at 1
+    new_len = jnp.floor(mel_len.astype(jnp.float32) / inputs["speed"]).astype(jnp.int32)
+    mel = resize_linear(mel, mel_len, new_len, shapes.mel_frames)
+    lengths = jnp.maximum(new_len, 1)
+    noise = inputs.get("hift_noise")
+    wav, _ = _vocoder().vocode_padded(params["hift"], config.hift, mel, lengths, finalize=True,
+                                      key=None if (config.hift.causal or noise is not None) else k_voc, noise=noise,
+                                      precision=num.hift_precision)
+    wav_len = new_len * config.samples_per_frame
+    return jnp.where(length_mask(wav_len, wav.shape[1]), wav, 0.0), wav_len
+
+
+_SHARED_INPUTS = frozenset({"flow_noise"})
+
+
+@functools.partial(jax.jit, static_argnames=("config", "shapes"))
+def synthesize_rows(params, inputs: dict, keys, config: PipelineConfig, shapes: StaticShapes):
+    """`synthesize` with one key per row (`keys [B]`), vmapped over rows: every row gets exactly what it
+    would get in a batch of one with its key -> (wav [B, S], wav_len [B])."""
+    rows = {k: (v if k in _SHARED_INPUTS else jnp.asarray(v)[:, None]) for k, v in inputs.items()}
+    axes = {k: (None if k in _SHARED_INPUTS else 0) for k in inputs}
+    one_shapes = dataclasses.replace(shapes, batch=1)
+    wav, wav_len = jax.vmap(lambda p, x, k: synthesize(p, x, k, config, one_shapes),
+                            in_axes=(None, axes, 0))(params, rows, keys)
+    return wav[:, 0], wav_len[:, 0]
+
+
+# =============================================================================================
+# the engine
+
+NoiseProvider = Callable[[int, int], dict]  # (vocoder call index, mel frames) -> {'noise': array}
+
 
 class Engine:
-    """Runs model_input dicts through the components (one request at a time, or batched)."""
+    """Prepared parameters + config; runs model inputs through `synthesize` or the streaming scheduler."""
 
-    def __init__(self, params: dict, config: PipelineConfig):
+    def __init__(self, params: dict, config: PipelineConfig, *, prepared: bool = False):
         self.config = config
-        self.params = _prepare_params(params, config)
-        # eager vocoder path: the CosyVoice3 f0 predictor as float64 on the device (upstream precision)
-        self.hift_params = _vocoder().device_params(params["hift"], config.hift)
-        self.flow_module = _flow_module(config.version)
+        self.params = params if prepared else prepare_params(params, config)
 
-    # ---- LLM -------------------------------------------------------------------------------
-    def llm_inputs(self, mi: dict) -> dict:
-        """The LLM inputs of one model_input as `cosyjax.llm.generate` keyword arguments:
-        text, prompt_text, prompt_speech_token (int32 [1, n] each, empty rows where absent)."""
-        return dict(text=_row(mi["text"])[None], prompt_text=_row(mi.get("prompt_text"))[None],
-                    prompt_speech_token=_row(mi.get("llm_prompt_speech_token"))[None])
+    # ---- LLM (parity / research entry points over the one decode loop) -------------------------
+    def llm_inputs(self, mi) -> dict:
+        """The LLM inputs of one model input as `cosyjax.llm.generate` keyword arguments."""
+        m = ModelInput.from_dict(mi, self.config.flow.token_mel_ratio)
+        return dict(text=m.text[None], prompt_text=m.prompt_text[None],
+                    prompt_speech_token=m.llm_prompt_speech_token[None])
 
-    def llm_tokens(self, mi: dict, key, **kw) -> np.ndarray:
-        """All speech tokens of one request (before the silent filter) -> int32 [n]."""
-        from cosyjax.llm.generate import generate
-
-        toks, n = generate(self.params["llm"], self.config.llm, **self.llm_inputs(mi), key=key,
-                           sampling=self.config.sampling, **kw)
-        return np.asarray(toks)[0, :int(n[0])]
-
-    def llm_generation(self, mi: dict, key, **kw):
-        """`cosyjax.llm.generate.generate_detailed` for one request -> `Generation` (batch of 1).
-
-        kw: its keyword arguments, e.g. record_topk, forced_tokens={step: token}, min_len / max_len,
-        sampling (default: the engine's)."""
+    def llm_generation(self, mi, key, **kw):
+        """`cosyjax.llm.generate.generate_detailed` for one request -> `Generation` (batch of 1)."""
         from cosyjax.llm.generate import generate_detailed
 
         kw.setdefault("sampling", self.config.sampling)
         return generate_detailed(self.params["llm"], self.config.llm, **self.llm_inputs(mi), key=key, **kw)
 
-    def llm_stream(self, mi: dict, key, hop: int = 16, **kw) -> Iterator[np.ndarray]:
+    def _llm_token_stream(self, m: ModelInput, key, hop: int, llm_kwargs: dict) -> Iterator:
+        """Speech tokens of one request as they are decoded (int arrays / ints)."""
         from cosyjax.llm.generate import generate_stream
 
-        for rows in generate_stream(self.params["llm"], self.config.llm, **self.llm_inputs(mi), key=key,
-                                    sampling=self.config.sampling, hop=hop, **kw):
-            yield rows[0]
+        if m.kind == "bistream":
+            from cosyjax.llm.bistream import generate_bistream
 
-    # ---- flow --------------------------------------------------------------------------------
-    def flow_fn(self, mi: dict):
-        """FlowFn for `cosyjax.streaming`: (tokens [1, n], streaming, finalize) -> mel [1, T, 80] numpy."""
-        ptok = _row(mi.get("flow_prompt_speech_token"))[None]
-        feat = np.asarray(mi.get("prompt_speech_feat", np.zeros((1, 0, 80), np.float32)), np.float32)
-        feat = feat.reshape(1, -1, feat.shape[-1])
-        emb = np.asarray(mi["flow_embedding"], np.float32).reshape(1, -1)
-        cfg, params = self.config, self.params["flow"]
+            return generate_bistream(self.params["llm"], self.config.llm, m.text_stream, m.prompt_text,
+                                     m.llm_prompt_speech_token, key=key, sampling=self.config.sampling, **llm_kwargs)
+        return (rows[0] for rows in generate_stream(
+            self.params["llm"], self.config.llm, m.text[None], prompt_text=m.prompt_text[None],
+            prompt_speech_token=m.llm_prompt_speech_token[None], key=key, sampling=self.config.sampling, hop=hop,
+            **llm_kwargs))
 
-        def flow(tokens, streaming, finalize):
-            tokens = np.asarray(tokens, np.int32).reshape(1, -1)
-            if tokens.shape[1] == 0:
-                return np.zeros((1, 0, 80), np.float32)
-            mel, _ = self.flow_module.flow_inference(
-                params, cfg.flow, tokens, np.array([tokens.shape[1]]), ptok, np.array([ptok.shape[1]]), feat,
-                np.array([feat.shape[1]]), emb, streaming=bool(streaming), finalize=bool(finalize),
-                dtype=cfg.dtype, attention_impl=cfg.attention)
-            return np.asarray(mel)
+    # ---- non-streaming: the jitted core ----------------------------------------------------------
+    def synthesize_batch(self, model_inputs: Sequence, keys, speed=1.0, max_len=None, min_len=None,
+                         tokens: Optional[Sequence] = None, hift_noise=None) -> list[np.ndarray]:
+        """Non-streaming synthesis of many model inputs with the jitted core -> list of float32 [1, N].
 
-        return flow
+        Each row uses `keys[i]`: rows give the audio they would give alone in a batch of one."""
+        inputs, shapes = prepare_inputs(self.config, model_inputs, speed=speed, max_len=max_len, min_len=min_len,
+                                        tokens=tokens, hift_noise=hift_noise)
+        keys = jnp.stack([jnp.asarray(k) for k in keys])
+        if keys.shape[0] != shapes.batch:
+            raise PipelineInputError(f"{keys.shape[0]} keys for {shapes.batch} model inputs")
+        wav, wav_len = synthesize_rows(self.params, inputs, keys, self.config, shapes)
+        wav, wav_len = np.asarray(wav), np.asarray(wav_len)
+        return [wav[b:b + 1, :int(wav_len[b])] for b in range(shapes.batch)]
 
-    # ---- vocoder -----------------------------------------------------------------------------
-    def vocoder_fn(self, key, noise_provider=None):
-        """Vocoder callable for `CV2Token2Wav` / `CV3Token2Wav`.
+    # ---- one request -----------------------------------------------------------------------------
+    def generate(self, mi, *, stream: bool = False, speed: float = 1.0, key=None, records: Optional[list] = None,
+                 tokens: Optional[Iterable] = None, noise_provider: Optional[NoiseProvider] = None,
+                 incremental: bool = True, llm_hop: int = 16, llm_kwargs: Optional[dict] = None) -> Iterator[dict]:
+        """`CosyVoice2Model.tts` for one model input: yields {'tts_speech': float32 [1, N]} (streaming: one per
+        chunk, plus 'work' = {'flow_frames', 'vocoder_frames'} the chunk computed).
 
-        noise_provider(call_index, n_frames) -> dict of hift_inference keyword arguments (injected
-        noise for parity); default: noise from `key` (CV2: folded with the call index).
+        tokens: speech tokens to use instead of the LLM (an array, or any iterable of ints / int arrays, e.g.
+        a recorded LLM stream); the silent filter still applies. incremental: streaming with cached flow and
+        vocoder state (False: recompute the prefix every chunk, upstream's algorithm, the reference).
+        noise_provider(call, frames) -> {'noise': ...}: injected vocoder noise (parity).
         """
+        key = jax.random.PRNGKey(0) if key is None else key
+        cfg = self.config
+        m = ModelInput.from_dict(mi, cfg.flow.token_mel_ratio)
+        if speed <= 0:
+            raise PipelineInputError(f"speed must be > 0, got {speed}")
+        if stream and speed != 1.0:
+            raise PipelineInputError("speed change is only supported in non-streaming inference (stream=False)")
+        k_llm, k_voc = jax.random.split(key)
+        llm_kwargs = dict(llm_kwargs or {})
+        if tokens is not None and m.kind == "tokens":
+            raise PipelineInputError("tokens= replaces the LLM; a voice-conversion input already has its tokens")
+        if not stream:
+            given = None
+            if tokens is not None:
+                given = [np.concatenate([np.asarray(t, np.int32).reshape(-1) for t in tokens] or
+                                        [np.zeros(0, np.int32)]) if not isinstance(tokens, np.ndarray)
+                         else tokens.astype(np.int32).reshape(-1)]
+            elif m.kind == "bistream":
+                given = [np.asarray(list(self._llm_token_stream(m, k_llm, llm_hop, llm_kwargs)), np.int32)]
+            noise = noise_provider(0, 0)["noise"] if noise_provider is not None else None
+            inputs, shapes = prepare_inputs(cfg, [m], speed=speed, tokens=given, hift_noise=noise,
+                                            **{k: v for k, v in llm_kwargs.items() if k in ("max_len", "min_len")})
+            wav, wav_len = synthesize_rows(self.params, inputs, key[None], cfg, shapes)
+            yield {"tts_speech": np.asarray(wav)[:, :int(wav_len[0])]}
+            return
+        from cosyjax import streaming
+
+        if m.kind == "tokens":
+            token_iter, silent = [m.source_speech_token], ()
+        elif tokens is not None:
+            token_iter = [tokens.reshape(-1)] if isinstance(tokens, (np.ndarray, jax.Array)) else tokens
+            silent = cfg.silent_tokens
+        else:
+            token_iter, silent = self._llm_token_stream(m, k_llm, llm_hop, llm_kwargs), cfg.silent_tokens
+        t2w = streaming.make_token2wav(cfg.version, self._flow_stage(m, incremental),
+                                       self._vocoder_stage(k_voc, noise_provider, incremental), cfg.stream)
+        yield from streaming.run_stream(token_iter, t2w, m.prompt_len, silent_tokens=silent, config=cfg.stream,
+                                        records=records)
+
+    def tts(self, mi, **kw) -> Iterator[np.ndarray]:
+        """`generate` yielding only the audio arrays float32 [1, N]."""
+        for out in self.generate(mi, **kw):
+            yield out["tts_speech"]
+
+    # ---- streaming stages --------------------------------------------------------------------------
+    def _flow_stage(self, m: ModelInput, incremental: bool):
+        from cosyjax.streaming import RecomputeFlow
+
+        num = self.config.numerics
+        args = (self.params["flow"], self.config.flow, m.flow_prompt_speech_token, m.prompt_speech_feat,
+                m.flow_embedding)
+        if not incremental:
+            return RecomputeFlow(_flow_module(self.config.version).flow_inference, *args, dtype=num.dtype,
+                                 attention_impl=num.attention)
+        if self.config.version == "cosyvoice2":
+            from cosyjax.flow.cv2.incremental import IncrementalFlowCV2 as Incremental
+        else:
+            from cosyjax.flow.cv3.incremental import IncrementalFlowCV3 as Incremental
+        return Incremental(*args, dtype=num.dtype, attention_impl=num.attention)
+
+    def _vocoder_stage(self, key, noise_provider: Optional[NoiseProvider], incremental: bool):
+        """CosyVoice2: `vocoder(mel, cache_source) -> (speech, source)` (new frames + the 8-frame cache, noise
+        per call); CosyVoice3: a stage with `push(mel_new, finalize) -> (speech, frames)`."""
         voc = _vocoder()
-        cfg, params = self.config, self.hift_params
+        cfg, params = self.config, self.params["hift"]
+        prec = cfg.numerics.hift_precision
         calls = [0]
 
-        def extra(n_frames):
+        def extra(n_frames: int) -> dict:
             i = calls[0]
             calls[0] += 1
             if noise_provider is not None:
@@ -325,82 +429,17 @@ class Engine:
 
         if cfg.version == "cosyvoice2":
             def vocoder(mel, cache_source):
-                mel = np.asarray(mel, np.float32)
-                if mel.shape[1] == 0:
-                    return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.float32)
                 cs = np.asarray(cache_source, np.float32).reshape(1, -1)
                 wav, source = voc.vocode(params, cfg.hift, mel, cache_source=cs if cs.size else None,
-                                                 **extra(mel.shape[1]))
+                                         precision=prec, **extra(mel.shape[1]))
                 return np.asarray(wav), np.asarray(source)
-        else:
-            def vocoder(mel, finalize):
-                mel = np.asarray(mel, np.float32)
-                if mel.shape[1] == 0:
-                    return np.zeros((1, 0), np.float32)
-                wav, _ = voc.vocode(params, cfg.hift, mel, finalize=bool(finalize), **extra(mel.shape[1]))
-                return np.asarray(wav)
-        return vocoder
+            return vocoder
+        noise = extra(0).get("noise")
+        if incremental:
+            from cosyjax.hift.incremental import IncrementalVocoderCV3
 
-    # ---- one request ---------------------------------------------------------------------------
-    def tts(self, mi: dict, *, stream: bool = False, speed: float = 1.0, key=None, records: Optional[list] = None,
-            tokens=None, noise_provider=None, llm_hop: int = 16, llm_kwargs: Optional[dict] = None
-            ) -> Iterator[np.ndarray]:
-        """`CosyVoice2Model.tts` for one model_input: yields float32 audio chunks [1, N].
+            return IncrementalVocoderCV3(params, cfg.hift, noise=noise)
+        from cosyjax.streaming import RecomputeVocoderCV3
 
-        tokens: LLM tokens to use instead of running the LLM (an array, or an iterable delivering ints /
-        int arrays over time); the silent-token filter still applies.
-        llm_kwargs: extra `generate` arguments (e.g. min_len / max_len).
-        """
-        if key is None:
-            key = jax.random.PRNGKey(0)
-        k_llm, k_voc = jax.random.split(key)
-        vc = "source_speech_token" in mi and _row(mi["source_speech_token"]).size > 0
-        if "flow_embedding" not in mi:
-            raise PipelineInputError("model_input lacks flow_embedding")
-        if vc:
-            token_iter = [_row(mi["source_speech_token"])]
-            silent = ()
-        else:
-            if "text" not in mi:
-                raise PipelineInputError("model_input lacks text")
-            silent = self.config.silent_tokens
-            if tokens is not None:  # an array, or any iterable of ints / int arrays (e.g. a recording LLM stream)
-                token_iter = [np.asarray(tokens).reshape(-1)] if isinstance(tokens, (np.ndarray, jax.Array)) else tokens
-            elif stream:
-                token_iter = self.llm_stream(mi, k_llm, hop=llm_hop, **(llm_kwargs or {}))
-            else:
-                token_iter = [self.llm_tokens(mi, k_llm, **(llm_kwargs or {}))]
-        t2w = make_token2wav(self.config.version, self.flow_fn(mi), self.vocoder_fn(k_voc, noise_provider),
-                             self.config.stream)
-        P = _row(mi.get("flow_prompt_speech_token")).size
-        yield from run_tts(token_iter, t2w, P, stream=stream, speed=speed, silent_tokens=silent,
-                           config=self.config.stream, records=records)
-
-    # ---- batch -----------------------------------------------------------------------------------
-    def synthesize_batch(self, model_inputs: Sequence[dict], keys, speed: float = 1.0,
-                         max_len=None, min_len=None) -> list[np.ndarray]:
-        """Non-streaming synthesis of many model_inputs with the jitted core -> list of float32 [1, N].
-
-        Each row uses `keys[i]`: rows give the audio they would give alone in a batch of one.
-        """
-        inputs, cfg = prepare_inputs(self.config, model_inputs, speed=speed, max_len=max_len, min_len=min_len)
-        wav, wav_len = synthesize_rows(self.params, inputs, jnp.stack([jnp.asarray(k) for k in keys]), cfg)
-        wav, wav_len = np.asarray(wav), np.asarray(wav_len)
-        outs = []
-        for b in range(len(model_inputs)):
-            outs.append(wav[b:b + 1, :int(wav_len[b])])
-        return outs
-
-
-_SHARED_INPUTS = frozenset({"flow_noise"})
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def synthesize_rows(params, inputs: dict, keys, config: PipelineConfig):
-    """`synthesize` with one key per row (`keys [B]`), vmapped over rows: every row gets exactly what it
-    would get in a batch of one with its key -> (wav [B, S], wav_len [B])."""
-    rows = {k: (v if k in _SHARED_INPUTS else jnp.asarray(v)[:, None]) for k, v in inputs.items()}
-    axes = {k: (None if k in _SHARED_INPUTS else 0) for k in inputs}
-    one = functools.partial(synthesize, config=config)
-    wav, wav_len = jax.vmap(lambda p, x, k: one(p, x, k), in_axes=(None, axes, 0))(params, rows, keys)
-    return wav[:, 0], wav_len[:, 0]
+        return RecomputeVocoderCV3(lambda mel, finalize: np.asarray(voc.vocode(
+            params, cfg.hift, mel, finalize=finalize, noise=noise, precision=prec)[0]))

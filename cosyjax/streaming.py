@@ -2,9 +2,18 @@
 
 Upstream (`cosyvoice/cli/model.py`, `CosyVoice2Model.tts` / `token2wav`, `CosyVoice3Model.token2wav`,
 `CosyVoiceModel.llm_job`, `cosyvoice/utils/common.py:fade_in_out`) runs the LLM in a thread and, while
-tokens arrive, calls `token2wav` on a growing prefix. This module reproduces that behaviour with the
-flow and the vocoder injected as callables, so the schedule, caches and fades are testable without
-models and any vocoder/flow implementation can be plugged in:
+tokens arrive, calls `token2wav` on a growing prefix. This module reproduces that schedule and drives
+the jitted stages through two small interfaces, so the schedule, caches and fades are testable without
+models and either algorithm plugs in:
+
+* a *flow stage*: `chunk(tokens [n], token_offset, n_tokens) -> (mel [1, F, 80], flow_frames)` for a
+  non-final chunk (streaming=True, finalize=False) and `final(...)` for the last one (streaming=False,
+  finalize=True); mel starts at frame `token_offset * token_mel_ratio`. `RecomputeFlow` re-solves the whole
+  prefix every chunk (upstream's algorithm, the reference); `cosyjax.flow.cv{2,3}.incremental` keep the
+  per-step K/V and conv state of earlier chunks, so a chunk costs what it emits.
+* a CosyVoice3 *vocoder stage*: `push(mel_new [1, F, 80], finalize) -> (speech [1, N], vocoder_frames)`.
+  `RecomputeVocoderCV3` re-vocodes the whole accumulated mel (upstream); `cosyjax.hift.incremental` carries
+  the causal generator's state. CosyVoice2 vocodes new frames + an 8-frame mel cache (upstream's design).
 
 * `StreamScheduler`: hop `25 + pad` (pad aligns prompt + first hop to the 25-token chunk grid), then
   `min(100, 2 * hop)`; a chunk fires when `3` look-ahead tokens beyond the hop exist; the final chunk
@@ -12,11 +21,12 @@ models and any vocoder/flow implementation can be plugged in:
   lives on the model object and is never reset (SPEC §6.2 quirk), the state lives in one request.
 * `SilentTokenFilter`: CosyVoice3 keeps at most 5 consecutive silent/breath tokens (`llm_job`).
 * `CV2Token2Wav`: 8-frame mel cache, 3840-sample source cache, Hamming(7680) cross-fade in float64.
-* `CV3Token2Wav`: keeps the whole mel and re-vocodes it every chunk, emitting from `speech_offset`.
-* `run_tts`: the non-streaming / streaming driver over a token iterator (tokens may arrive one by
-  one from a streaming LLM or all at once).
+* `CV3Token2Wav`: appends each chunk's new mel to its vocoder stage and yields what it returns.
+* `run_stream`: the streaming driver over a token iterator (tokens may arrive one by one from a
+  streaming LLM or all at once); yields `{'tts_speech': audio, 'work': {'flow_frames', 'vocoder_frames'}}`.
+Non-streaming synthesis is not here: it is one call of the jitted core (`cosyjax.pipeline.synthesize`).
 
-Shapes: mel is NWC `[1, T, 80]`, audio `[1, N]` float32 at 24 kHz (numpy; the driver is host-side).
+Shapes: mel is NWC `[1, T, 80]`, audio `[1, N]` float32 at 24 kHz (host numpy between jitted stages).
 """
 from __future__ import annotations
 
@@ -26,15 +36,22 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from cosyjax.errors import CosyJaxError
+
 __all__ = [
     "StreamConfig", "Chunk", "ChunkRecord", "StreamScheduler", "plan_schedule",
-    "CV3_SILENT_TOKENS", "SilentTokenFilter", "filter_silent_tokens",
-    "fade_in_out", "resize_mel_linear", "CV2Token2Wav", "CV3Token2Wav", "make_token2wav", "run_tts",
+    "CV3_SILENT_TOKENS", "StreamError", "SilentTokenFilter", "filter_silent_tokens",
+    "fade_in_out", "RecomputeFlow", "RecomputeVocoderCV3", "CV2Token2Wav", "CV3Token2Wav", "make_token2wav",
+    "run_stream",
 ]
 
 # `CosyVoice3Model.__init__`: FSQ silence / breath codes.
 CV3_SILENT_TOKENS = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)
 MAX_SILENT_RUN = 5
+
+
+class StreamError(CosyJaxError):
+    """A streaming call the scheduler cannot serve (bad chunk order, speed with streaming, ...)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +72,9 @@ class StreamConfig:
 
     def __post_init__(self):
         if self.token_hop_len <= 0 or self.token_max_hop_len < self.token_hop_len:
-            raise ValueError(f"bad hop lengths {self.token_hop_len}/{self.token_max_hop_len}")
+            raise StreamError(f"bad hop lengths {self.token_hop_len}/{self.token_max_hop_len}")
         if self.stream_scale_factor < 1:
-            raise ValueError("stream_scale_factor should be >= 1")
+            raise StreamError("stream_scale_factor should be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +109,7 @@ class StreamScheduler:
 
     def __init__(self, prompt_len: int, config: StreamConfig = StreamConfig()):
         if prompt_len < 0:
-            raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
+            raise StreamError(f"prompt_len must be >= 0, got {prompt_len}")
         self.config = config
         self.hop = config.token_hop_len
         # pad so that prompt + first hop ends on a multiple of token_hop_len
@@ -111,7 +128,7 @@ class StreamScheduler:
     def poll(self, n_available: int) -> Optional[Chunk]:
         """The next non-final chunk if `n_available` tokens suffice, else None."""
         if self.done:
-            raise RuntimeError("scheduler already finalized")
+            raise StreamError("scheduler already finalized")
         if n_available < self.tokens_needed():
             return None
         hop = self.this_hop
@@ -124,9 +141,9 @@ class StreamScheduler:
     def final(self, n_total: int) -> Chunk:
         """The last chunk: every remaining token, finalize=True, streaming=False (full attention)."""
         if self.done:
-            raise RuntimeError("scheduler already finalized")
+            raise StreamError("scheduler already finalized")
         if n_total < self.offset:
-            raise ValueError(f"n_total {n_total} < token offset {self.offset}")
+            raise StreamError(f"n_total {n_total} < token offset {self.offset}")
         self.done = True
         return Chunk(self.offset, n_total, finalize=True, streaming=False)
 
@@ -180,23 +197,64 @@ def fade_in_out(new: np.ndarray, old: np.ndarray, window: np.ndarray) -> np.ndar
     return out
 
 
-def resize_mel_linear(mel: np.ndarray, n_out: int) -> np.ndarray:
-    """`F.interpolate(mel, size=n_out, mode='linear')` (align_corners=False) along time. mel: [B, T, C]."""
-    mel = np.asarray(mel)
-    t_in = mel.shape[1]
-    if n_out <= 0:
-        raise ValueError(f"speed change leaves {n_out} mel frames")
-    scale = np.float32(t_in / n_out)
-    src = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-    src = np.maximum(src, np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), t_in - 1)
-    i1 = np.minimum(i0 + 1, t_in - 1)
-    lam = (src - i0.astype(np.float32))[None, :, None]
-    return ((np.float32(1) - lam) * mel[:, i0] + lam * mel[:, i1]).astype(mel.dtype)
+class RecomputeFlow:
+    """The reference flow stage: every chunk re-solves the whole prefix (upstream's algorithm, O(n^2) total).
+
+    `flow_inference(params, cfg, token, token_len, prompt_token, prompt_token_len, prompt_feat,
+    prompt_feat_len, embedding, *, streaming, finalize, dtype, attention_impl)` is a flow version's host
+    wrapper (`cosyjax.flow.cv{2,3}.model.flow_inference`)."""
+
+    def __init__(self, flow_inference, params, cfg, prompt_token, prompt_feat, embedding, *, dtype="float32",
+                 attention_impl="auto"):
+        self._run = flow_inference
+        self.params, self.cfg = params, cfg
+        self.ptok = np.asarray(prompt_token, np.int32).reshape(1, -1)
+        self.feat = np.asarray(prompt_feat, np.float32).reshape(1, -1, 80)
+        self.emb = np.asarray(embedding, np.float32).reshape(1, -1)
+        self.kw = dict(dtype=dtype, attention_impl=attention_impl)
+
+    def _call(self, tokens, token_offset, n_tokens, streaming: bool, finalize: bool):
+        toks = np.asarray(tokens, np.int32).reshape(1, -1)[:, :n_tokens]
+        r = self.cfg.token_mel_ratio
+        P = self.ptok.shape[1]
+        mel, _ = self._run(self.params, self.cfg, toks, np.array([toks.shape[1]]), self.ptok, np.array([P]), self.feat,
+                           np.array([self.feat.shape[1]]), self.emb, streaming=streaming, finalize=finalize, **self.kw)
+        lookahead = 0 if finalize else self.cfg.pre_lookahead_len
+        frames = (P + toks.shape[1] - lookahead) * r  # valid frames the estimator ran on (bucket padding aside)
+        return np.asarray(mel)[:, token_offset * r:], frames
+
+    def chunk(self, tokens, token_offset: int, n_tokens: int):
+        return self._call(tokens, token_offset, n_tokens, True, False)
+
+    def final(self, tokens, token_offset: int, n_tokens: int):
+        return self._call(tokens, token_offset, n_tokens, False, True)
 
 
-# Flow callable: (tokens [1, n] int32, streaming, finalize) -> mel [1, T, 80] (prompt frames removed).
-FlowFn = Callable[[np.ndarray, bool, bool], np.ndarray]
+class RecomputeVocoderCV3:
+    """The reference CosyVoice3 vocoder stage (upstream `CosyVoice3Model.token2wav`): keeps the whole mel,
+    re-vocodes it every chunk, yields the samples past what was already yielded.
+
+    `vocode(mel [1, T, 80], finalize) -> speech [1, N]` (N = T*480, or (T-8)*480 when not finalizing)."""
+
+    def __init__(self, vocode: Callable):
+        self.vocode = vocode
+        self.mel: Optional[np.ndarray] = None
+        self.speech_offset = 0
+
+    def push(self, mel_new, finalize: bool):
+        mel_new = np.asarray(mel_new, np.float32)
+        self.mel = mel_new if self.mel is None else np.concatenate([self.mel, mel_new], axis=1)
+        if self.mel.shape[1] == 0:
+            return np.zeros((1, 0), np.float32), 0
+        speech = np.asarray(self.vocode(self.mel, finalize), np.float32).reshape(1, -1)[:, self.speech_offset:]
+        self.speech_offset += speech.shape[1]
+        return speech, int(self.mel.shape[1])
+
+
+def _flow_call(flow, tokens: np.ndarray, chunk: Chunk):
+    call = flow.final if chunk.finalize else flow.chunk
+    mel, frames = call(tokens, chunk.token_offset, chunk.n_tokens)
+    return np.asarray(mel, np.float32), int(frames)
 
 
 class CV2Token2Wav:
@@ -206,25 +264,24 @@ class CV2Token2Wav:
     must overwrite the first S source samples with `cache_source` (HiFTGenerator.inference).
     """
 
-    def __init__(self, flow: FlowFn, vocoder: Callable, config: StreamConfig = StreamConfig()):
+    def __init__(self, flow, vocoder: Callable, config: StreamConfig = StreamConfig()):
         self.flow, self.vocoder, self.config = flow, vocoder, config
         self.window = np.hamming(2 * config.source_cache_len)  # float64, symmetric
         self.cache: Optional[dict] = None
 
-    def __call__(self, tokens: np.ndarray, chunk: Chunk, speed: float = 1.0) -> np.ndarray:
+    def __call__(self, tokens: np.ndarray, chunk: Chunk):
+        """-> (speech [1, N] float32, work {'flow_frames', 'vocoder_frames'})."""
         cfg = self.config
-        mel = np.asarray(self.flow(tokens[:, :chunk.n_tokens], chunk.streaming, chunk.finalize))
-        mel = mel[:, chunk.token_offset * cfg.token_mel_ratio:]
+        mel, flow_frames = _flow_call(self.flow, tokens, chunk)
         if self.cache is not None:
             mel = np.concatenate([self.cache["mel"], mel], axis=1)
             cache_source = self.cache["source"]
         else:
             cache_source = np.zeros((1, 0), np.float32)
-        if speed != 1.0:
-            if self.cache is not None or not chunk.finalize:
-                raise ValueError("speed change is only supported in non-streaming inference")
-            mel = resize_mel_linear(mel, int(mel.shape[1] / speed))
-        speech, source = self.vocoder(mel, cache_source)
+        if mel.shape[1] == 0:
+            speech = source = np.zeros((1, 0), np.float32)
+        else:
+            speech, source = self.vocoder(mel, cache_source)
         speech = np.asarray(speech, np.float32).reshape(1, -1)
         source = np.asarray(source, np.float32).reshape(1, -1)
         if self.cache is not None:
@@ -233,41 +290,29 @@ class CV2Token2Wav:
             n = cfg.source_cache_len
             self.cache = {"mel": mel[:, -cfg.mel_cache_len:], "source": source[:, -n:], "speech": speech[:, -n:]}
             speech = speech[:, :-n]
-        return speech
+        return speech, {"flow_frames": flow_frames, "vocoder_frames": int(mel.shape[1])}
 
 
 class CV3Token2Wav:
-    """Per-request `CosyVoice3Model.token2wav`: re-vocodes the whole accumulated mel every chunk.
+    """Per-request `CosyVoice3Model.token2wav`: each chunk's new mel goes to the vocoder stage."""
 
-    `vocoder(mel [1, T, 80], finalize) -> speech [1, N]` (N = T*480 if finalize else (T-8)*480).
-    """
-
-    def __init__(self, flow: FlowFn, vocoder: Callable, config: StreamConfig = StreamConfig()):
+    def __init__(self, flow, vocoder, config: StreamConfig = StreamConfig()):
         self.flow, self.vocoder, self.config = flow, vocoder, config
-        self.mel: Optional[np.ndarray] = None
-        self.speech_offset = 0
 
-    def __call__(self, tokens: np.ndarray, chunk: Chunk, speed: float = 1.0) -> np.ndarray:
-        mel = np.asarray(self.flow(tokens[:, :chunk.n_tokens], chunk.streaming, chunk.finalize))
-        mel = mel[:, chunk.token_offset * self.config.token_mel_ratio:]
-        self.mel = mel if self.mel is None else np.concatenate([self.mel, mel], axis=1)
-        mel = self.mel
-        if speed != 1.0:
-            if chunk.token_offset != 0 or not chunk.finalize:
-                raise ValueError("speed change is only supported in non-streaming inference")
-            mel = resize_mel_linear(mel, int(mel.shape[1] / speed))
-        speech = np.asarray(self.vocoder(mel, chunk.finalize), np.float32).reshape(1, -1)
-        speech = speech[:, self.speech_offset:]
-        self.speech_offset += speech.shape[1]
-        return speech
+    def __call__(self, tokens: np.ndarray, chunk: Chunk):
+        """-> (speech [1, N] float32, work {'flow_frames', 'vocoder_frames'})."""
+        mel, flow_frames = _flow_call(self.flow, tokens, chunk)
+        speech, voc_frames = self.vocoder.push(mel, chunk.finalize)
+        return np.asarray(speech, np.float32).reshape(1, -1), {"flow_frames": flow_frames,
+                                                              "vocoder_frames": int(voc_frames)}
 
 
-def make_token2wav(version: str, flow: FlowFn, vocoder: Callable, config: StreamConfig = StreamConfig()):
+def make_token2wav(version: str, flow, vocoder, config: StreamConfig = StreamConfig()):
     if version == "cosyvoice2":
         return CV2Token2Wav(flow, vocoder, config)
     if version == "cosyvoice3":
         return CV3Token2Wav(flow, vocoder, config)
-    raise ValueError(f"unsupported version {version!r}")
+    raise StreamError(f"unsupported version {version!r}")
 
 
 def _as_token_list(item) -> list[int]:
@@ -275,36 +320,29 @@ def _as_token_list(item) -> list[int]:
     return [int(a)] if a.ndim == 0 else [int(t) for t in a.reshape(-1)]
 
 
-def run_tts(tokens: Iterable, token2wav, prompt_len: int, *, stream: bool, speed: float = 1.0,
-            silent_tokens: Sequence[int] = (), config: StreamConfig = StreamConfig(),
-            records: Optional[list] = None) -> Iterator[np.ndarray]:
-    """Drive `token2wav` over LLM tokens like upstream `tts()`; yields audio chunks [1, N] float32.
+def run_stream(tokens: Iterable, token2wav, prompt_len: int, *, silent_tokens: Sequence[int] = (),
+               config: StreamConfig = StreamConfig(), records: Optional[list] = None) -> Iterator[dict]:
+    """Drive `token2wav` over arriving LLM tokens like upstream `tts(stream=True)`; yields per chunk
+    {'tts_speech': float32 [1, N], 'work': {'flow_frames': F, 'vocoder_frames': V}}.
 
-    tokens: iterable of ints or int arrays (a streaming LLM may yield one token or a block at a
-    time). silent_tokens: CosyVoice3's list (empty for CosyVoice2 and for voice conversion).
+    tokens: iterable of ints or int arrays (a streaming LLM may yield one token or a block at a time).
+    silent_tokens: CosyVoice3's list (empty for CosyVoice2 and for voice conversion).
     records: if a list is given, a `ChunkRecord` is appended per `token2wav` call.
     """
-    if stream and speed != 1.0:
-        raise ValueError("speed change is only supported in non-streaming inference (stream=False)")
     filt = SilentTokenFilter(silent_tokens) if silent_tokens else None
     kept: list[int] = []
-    scheduler = StreamScheduler(prompt_len, config) if stream else None
+    scheduler = StreamScheduler(prompt_len, config)
 
     def emit(chunk: Chunk):
-        arr = np.asarray(kept, np.int32)[None, :]
-        audio = token2wav(arr, chunk, speed=speed if chunk.finalize else 1.0)
+        audio, work = token2wav(np.asarray(kept, np.int32), chunk)
         if records is not None:
             records.append(ChunkRecord(chunk, int(audio.shape[1])))
-        return audio
+        return {"tts_speech": audio, "work": work}
 
     for item in tokens:
         for t in _as_token_list(item):
             if filt is None or filt.keep(t):
                 kept.append(t)
-        if scheduler is not None:
-            while (chunk := scheduler.poll(len(kept))) is not None:
-                yield emit(chunk)
-    if scheduler is not None:
-        yield emit(scheduler.final(len(kept)))
-    else:
-        yield emit(Chunk(0, len(kept), finalize=True, streaming=False))
+        while (chunk := scheduler.poll(len(kept))) is not None:
+            yield emit(chunk)
+    yield emit(scheduler.final(len(kept)))

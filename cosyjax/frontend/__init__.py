@@ -21,7 +21,8 @@ from cosyjax.frontend.errors import (
     TokenizerFilesError,
 )
 from cosyjax.frontend.features import MelConfig, kaldi_fbank, prompt_mel, speaker_fbank, whisper_log_mel
-from cosyjax.frontend.model_inputs import CV3_SYSTEM_PROMPT, Frontend, PromptFeatures, align_prompt
+from cosyjax.frontend.model_inputs import CV3_SYSTEM_PROMPT, Frontend, align_prompt
+from cosyjax.frontend.prompt import PrecomputedPrompt, Prompt, PromptError
 from cosyjax.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer
 from cosyjax.frontend.resampling import resample
 from cosyjax.frontend.speakers import SpeakerStore
@@ -31,7 +32,7 @@ from cosyjax.frontend.tokenizer import TextTokenizer
 __all__ = [
     "Audio", "AudioError", "AudioReadError", "AudioTooLongError", "AudioTooShortError", "CV3_SYSTEM_PROMPT",
     "EmptyAudioError", "Frontend", "FrontendError", "MelConfig", "MissingDependencyError", "OnnxModelError",
-    "PromptFeatures", "PromptFormatError", "SampleRateError", "SilentAudioError", "SpeakerEncoder",
+    "PrecomputedPrompt", "Prompt", "PromptError", "PromptFormatError", "SampleRateError", "SilentAudioError", "SpeakerEncoder",
     "SpeakerError", "SpeakerStore", "SpeechTokenizer", "TextNormalizer", "TextTokenizer", "TokenizerFilesError",
     "align_prompt", "kaldi_fbank", "load_audio", "load_wav", "prompt_mel", "resample", "speaker_fbank",
     "split_paragraph", "whisper_log_mel",

@@ -34,11 +34,12 @@ from cosyjax.frontend.audio import Audio, AudioSource, load_audio
 from cosyjax.frontend.errors import PromptFormatError, SpeakerError
 from cosyjax.frontend.features import MelConfig, prompt_mel, speaker_fbank, whisper_log_mel
 from cosyjax.frontend.onnx_models import SpeakerEncoder, SpeechTokenizer, speech_tokenizer_file
+from cosyjax.frontend.prompt import Prompt, PromptError, is_prompt_npz
 from cosyjax.frontend.speakers import SpeakerStore
 from cosyjax.frontend.text_normalize import TextNormalizer
 from cosyjax.frontend.tokenizer import ENDOFPROMPT, TextTokenizer
 
-__all__ = ["CV3_SYSTEM_PROMPT", "Frontend", "PromptFeatures", "align_prompt"]
+__all__ = ["CV3_SYSTEM_PROMPT", "Frontend", "Prompt", "align_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,6 @@ def align_prompt(speech_feat: np.ndarray, speech_token: np.ndarray, token_mel_ra
     """Upstream's 24 kHz prompt trim: L = min(F // 2, n_tokens); mel[:, :2L], tokens[:, :L]."""
     n = min(int(speech_feat.shape[1] / token_mel_ratio), speech_token.shape[1])
     return speech_feat[:, :token_mel_ratio * n], speech_token[:, :n]
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptFeatures:
-    """Everything a prompt wav contributes (unaligned): tokens int32 [1, L], mel float32 [1, F, 80],
-    embedding float32 [1, D]."""
-
-    speech_token: np.ndarray
-    speech_feat: np.ndarray
-    embedding: np.ndarray
-    source: str = ""
 
 
 class Frontend:
@@ -191,15 +181,44 @@ class Frontend:
         feat = prompt_mel(audio.at(self.mel_config.sampling_rate), self.mel_config)
         return feat, _i32([feat.shape[1]])
 
-    def prepare_prompt(self, wav: AudioSource | PromptFeatures) -> PromptFeatures:
-        """Speech tokens, prompt mel and speaker embedding of a prompt wav (audio decoded once)."""
-        if isinstance(wav, PromptFeatures):
-            return wav
-        audio = self.load_prompt(wav)
-        feat, _ = self.extract_speech_feat(audio)
-        tokens, _ = self.extract_speech_token(audio)
-        embedding = self.extract_spk_embedding(audio)
-        return PromptFeatures(tokens, feat, embedding, audio.source)
+    def prepare_prompt(self, wav) -> Prompt:
+        """A complete `Prompt` (tokens [P], mel [F, 80], embedding [192]; unaligned) from a prompt given as audio
+        (path / `(samples, rate)` / `Audio`), a prompt `.npz`, or a `Prompt` (parts it lacks are computed from its
+        `wav`). The audio is decoded once; a part that needs an ONNX model the folder lacks is a `PromptError`."""
+        if wav is None:
+            raise PromptError("this mode needs a prompt (prompt_wav)")
+        if isinstance(wav, Prompt):
+            pre = wav
+        elif is_prompt_npz(wav):
+            pre = Prompt.load(wav)
+        else:
+            pre = Prompt(wav=wav)
+        if pre.complete:
+            return pre
+        if pre.wav is None:
+            missing = [n for n in ("speech_token", "speech_feat", "embedding") if getattr(pre, n) is None]
+            raise PromptError(f"prompt features lack {', '.join(missing)} (give a prompt wav or complete features)")
+        audio = self.load_prompt(pre.wav)
+        feat = pre.speech_feat if pre.speech_feat is not None else self.extract_speech_feat(audio)[0][0]
+        tokens = pre.speech_token
+        if tokens is None:
+            self._need_model(self._speech_tokenizer, "extracting prompt speech tokens")
+            tokens = self.extract_speech_token(audio)[0][0]
+        emb = pre.embedding
+        if emb is None:
+            self._need_model(self._speaker_encoder, "extracting the prompt speaker embedding")
+            emb = self.extract_spk_embedding(audio)[0]
+        return Prompt(tokens, feat, emb, prompt_text=pre.prompt_text, wav=getattr(audio, "source", pre.wav))
+
+    @staticmethod
+    def _need_model(model, what: str) -> None:
+        if isinstance(model, (str, os.PathLike)) and not os.path.isfile(model):
+            raise PromptError(
+                f"no {os.path.basename(os.fspath(model))} in the model folder: {what} from audio needs it. Copy it "
+                "from the released model folder, or pass precomputed features (a prompt .npz with speech_token / "
+                "speech_feat / embedding, or --prompt-speech-tokens / --prompt-embedding)")
+        if model is None:
+            raise PromptError(f"this Frontend has no ONNX model for {what}; pass precomputed prompt features")
 
     # ------------------------------------------------------------------------------------ mode builders
     def _check_prompt_rule(self, model_input: dict) -> None:
@@ -238,7 +257,7 @@ class Frontend:
         if zero_shot_spk_id == "":
             prompt_text_token, prompt_text_len = self.extract_text_token(prompt_text)
             prompt = self.prepare_prompt(prompt_wav)
-            feat, tokens = prompt.speech_feat, prompt.speech_token
+            feat, tokens, emb = prompt.speech_feat[None], prompt.speech_token[None], prompt.embedding[None]
             if (resample_rate or self.sample_rate) == 24000:
                 feat, tokens = align_prompt(feat, tokens, self.token_mel_ratio)
             model_input = {
@@ -246,7 +265,7 @@ class Frontend:
                 "llm_prompt_speech_token": tokens, "llm_prompt_speech_token_len": _i32([tokens.shape[1]]),
                 "flow_prompt_speech_token": tokens, "flow_prompt_speech_token_len": _i32([tokens.shape[1]]),
                 "prompt_speech_feat": feat, "prompt_speech_feat_len": _i32([feat.shape[1]]),
-                "llm_embedding": prompt.embedding, "flow_embedding": prompt.embedding,
+                "llm_embedding": emb, "flow_embedding": emb,
             }
         else:
             model_input = dict(self._speaker(zero_shot_spk_id))
@@ -296,10 +315,10 @@ class Frontend:
         source_tokens, source_len = self.extract_speech_token(source_wav, what="source")
         return {
             "source_speech_token": source_tokens, "source_speech_token_len": source_len,
-            "flow_prompt_speech_token": prompt.speech_token,
-            "flow_prompt_speech_token_len": _i32([prompt.speech_token.shape[1]]),
-            "prompt_speech_feat": prompt.speech_feat, "prompt_speech_feat_len": _i32([prompt.speech_feat.shape[1]]),
-            "flow_embedding": prompt.embedding,
+            "flow_prompt_speech_token": prompt.speech_token[None],
+            "flow_prompt_speech_token_len": _i32([prompt.speech_token.shape[0]]),
+            "prompt_speech_feat": prompt.speech_feat[None], "prompt_speech_feat_len": _i32([prompt.speech_feat.shape[0]]),
+            "flow_embedding": prompt.embedding[None],
         }
 
     # ------------------------------------------------------------------------------------ speakers
