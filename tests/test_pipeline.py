@@ -1,10 +1,12 @@
-"""The jittable batched core (`pipeline.synthesize`) vs the per-request host engine, on the tiny CV3 model.
+"""The one engine's jittable core (`pipeline.synthesize`) on the tiny CV3 model.
 
-Streaming orchestration is tested in test_streaming.py (replays) and by the e2e parity checker.
+Streaming orchestration is tested in test_streaming.py (replays) and test_stream_incremental.py, and
+end to end by the e2e parity checkers.
 
 Checks: every row of a padded batch gets what it gets alone (jit + vmap over 4 rows), a plain batched
-call agrees with the vmapped one, lengths/masks are consistent, and the silent-token compaction and
-linear resize used inside the core match their host references.
+call agrees with the vmapped one, lengths/masks are consistent, speed is a traced input (no recompile),
+voice conversion skips the LLM, and the silent-token compaction and linear resize used inside the core
+match their host references (numpy re-statements of the upstream formulas, kept here as test oracles).
 """
 from __future__ import annotations
 
@@ -17,11 +19,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cosyjax.errors import CosyJaxError
 from cosyjax.pipeline_ops import filter_silent_batch, resize_linear
-from cosyjax.streaming import CV3_SILENT_TOKENS, filter_silent_tokens, resize_mel_linear
+from cosyjax.streaming import CV3_SILENT_TOKENS, filter_silent_tokens
 from tests.conftest import GOLDEN
 
 EOP = 151646
+
+
+def resize_mel_linear(mel: np.ndarray, n_out: int) -> np.ndarray:
+    """Oracle: torch `F.interpolate(mel, size=n_out, mode='linear')` (align_corners=False) along time, [B, T, C]."""
+    t_in = mel.shape[1]
+    scale = np.float32(t_in / n_out)
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), t_in - 1)
+    i1 = np.minimum(i0 + 1, t_in - 1)
+    lam = (src - i0.astype(np.float32))[None, :, None]
+    return ((np.float32(1) - lam) * mel[:, i0] + lam * mel[:, i1]).astype(mel.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +77,14 @@ def test_synthesize_rows_match_engine(engine):
 
     mis = _inputs(4)
     keys = jnp.stack([jax.random.PRNGKey(i) for i in range(4)])
-    inputs, cfg = prepare_inputs(engine.config, mis)
-    wav, wav_len = synthesize_rows(engine.params, inputs, keys, cfg)  # jit(vmap(synthesize)), batch of 4
+    inputs, shapes = prepare_inputs(engine.config, mis)
+    wav, wav_len = synthesize_rows(engine.params, inputs, keys, engine.config, shapes)  # jit(vmap), batch of 4
     wav, wav_len = np.asarray(wav), np.asarray(wav_len)
     assert wav.shape[0] == 4 and wav.dtype == np.float32
     for b, mi in enumerate(mis):
-        if b not in (0, 3):  # two rows against the engine keep the test fast; all 4 rows are checked below
+        if b not in (0, 3):  # two rows alone keep the test fast; all 4 rows are checked below
             continue
-        ref = np.concatenate(list(engine.tts(mi, stream=False, key=keys[b])), axis=1)[0]
+        ref = np.concatenate(list(engine.tts(mi, stream=False, key=keys[b])), axis=1)[0]  # its own (smaller) buckets
         assert int(wav_len[b]) == ref.shape[0], b
         got = wav[b, : wav_len[b]]
         err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12)
@@ -83,10 +97,11 @@ def test_synthesize_batched_equals_vmapped(engine):
     from cosyjax.pipeline import prepare_inputs, synthesize, synthesize_rows
 
     mis = _inputs(4)
-    inputs, cfg = prepare_inputs(engine.config, mis)
+    inputs, shapes = prepare_inputs(engine.config, mis)
     key = jax.random.PRNGKey(3)
-    wav_b, len_b = jax.jit(synthesize, static_argnames="config")(engine.params, inputs, key, cfg)
-    wav_v, len_v = synthesize_rows(engine.params, inputs, jnp.stack([key] * 4), cfg)
+    wav_b, len_b = jax.jit(synthesize, static_argnames=("config", "shapes"))(engine.params, inputs, key,
+                                                                               engine.config, shapes)
+    wav_v, len_v = synthesize_rows(engine.params, inputs, jnp.stack([key] * 4), engine.config, shapes)
     np.testing.assert_array_equal(np.asarray(len_b), np.asarray(len_v))
     np.testing.assert_allclose(np.asarray(wav_b), np.asarray(wav_v), atol=2e-5)
 
@@ -96,12 +111,22 @@ def test_prepare_inputs_rejects_bad_input(engine):
 
     mi = dict(_inputs(1)[0])
     bad = dict(mi, prompt_speech_feat=mi["prompt_speech_feat"][:, :-1])
-    with pytest.raises(PipelineInputError, match="2 frames per token"):
+    with pytest.raises(CosyJaxError, match="2 frames per token"):
         prepare_inputs(engine.config, [bad])
-    with pytest.raises(PipelineInputError, match="flow_embedding"):
+    with pytest.raises(CosyJaxError, match="flow_embedding"):
         prepare_inputs(engine.config, [{k: v for k, v in mi.items() if k != "flow_embedding"}])
-    with pytest.raises(PipelineInputError, match="no inputs"):
+    with pytest.raises(PipelineInputError, match="no model inputs"):
         prepare_inputs(engine.config, [])
+    with pytest.raises(PipelineInputError, match="speed must be > 0"):
+        prepare_inputs(engine.config, [mi], speed=0.0)
+    with pytest.raises(PipelineInputError, match="cannot be batched"):
+        prepare_inputs(engine.config, [dict(mi, text=iter([np.array([[5]])]))])
+    vc = {k: mi[k] for k in ("flow_prompt_speech_token", "prompt_speech_feat", "flow_embedding")}
+    vc["source_speech_token"] = np.array([[1, 2, 3]])
+    with pytest.raises(PipelineInputError, match="cannot mix voice conversion"):
+        prepare_inputs(engine.config, [mi, vc])
+    with pytest.raises(CosyJaxError, match="text is empty"):
+        prepare_inputs(engine.config, [dict(mi, text=np.zeros((1, 0), np.int32))])
 
 
 @settings(max_examples=25, deadline=None)
@@ -135,17 +160,47 @@ def test_new_text_length_in_the_same_bucket_does_not_recompile(engine):
     """Two requests with different text / prompt lengths share one compiled `synthesize` program."""
     from cosyjax.pipeline import prepare_inputs, synthesize
 
-    f = jax.jit(synthesize, static_argnames="config")
+    f = jax.jit(synthesize, static_argnames=("config", "shapes"))
     mis = _inputs(3)
     in_a, cfg_a = prepare_inputs(engine.config, [mis[1]])  # text 4 tokens, prompt 17
-    in_b, cfg_b = prepare_inputs(engine.config, [mis[2]])  # text 5 tokens, prompt 14
+    in_b, cfg_b = prepare_inputs(engine.config, [mis[2]], speed=1.7)  # text 5 tokens, prompt 14, faster
     assert mis[1]["text"].shape != mis[2]["text"].shape
-    assert cfg_a == cfg_b, "same bucket must give the same static config"
+    assert cfg_a == cfg_b, "same bucket (and any speed >= 1) must give the same static shapes"
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_equal(np.shape(a), np.shape(b)), in_a, in_b)
     key = jax.random.PRNGKey(0)
-    wav_a, len_a = f(engine.params, in_a, key, cfg_a)
+    wav_a, len_a = f(engine.params, in_a, key, engine.config, cfg_a)
     n_compiled = f._cache_size()  # jit caches are shared per function: count what the second call adds
-    wav_b, len_b = f(engine.params, in_b, key, cfg_b)
+    wav_b, len_b = f(engine.params, in_b, key, engine.config, cfg_b)
     assert f._cache_size() == n_compiled
     assert np.all(np.isfinite(np.asarray(wav_a))) and np.all(np.isfinite(np.asarray(wav_b)))
     assert int(len_a[0]) > 0 and int(len_b[0]) > 0
+
+
+def test_speed_resizes_the_mel_before_the_vocoder(engine):
+    """speed 1.5: the vocoder gets int(T / 1.5) frames resized linearly (upstream `F.interpolate`)."""
+    mi = _inputs(1)[0]
+    key = jax.random.PRNGKey(1)
+    normal = np.concatenate(list(engine.tts(mi, key=key)), axis=1)
+    fast = np.concatenate(list(engine.tts(mi, key=key, speed=1.5)), axis=1)
+    frames = normal.shape[1] // 480
+    assert fast.shape[1] == int(frames / 1.5) * 480
+    with pytest.raises(CosyJaxError, match="non-streaming"):
+        next(engine.generate(mi, stream=True, speed=1.5))
+
+
+def test_voice_conversion_skips_the_llm(engine):
+    """A source_speech_token input runs flow + vocoder on exactly those tokens (no silent filter)."""
+    from cosyjax.pipeline import prepare_inputs
+
+    mi = _inputs(1)[0]
+    src = np.array([[1, 1, 1, 1, 1, 1, 1, 5, 9, 1]], np.int32)  # 7 silent tokens in a row: kept for VC
+    vc = {k: mi[k] for k in ("flow_prompt_speech_token", "prompt_speech_feat", "flow_embedding")}
+    vc["source_speech_token"] = src
+    inputs, shapes = prepare_inputs(engine.config, [vc])
+    assert shapes.tokens == "given" and not shapes.filter_silent and shapes.capacity == 0
+    assert "llm_ids" not in inputs
+    out = np.concatenate(list(engine.tts(vc)), axis=1)
+    assert out.shape == (1, src.shape[1] * 2 * 480)
+    # the same tokens replayed as LLM tokens are silent-filtered: 7 -> 5 silent tokens
+    replay = np.concatenate(list(engine.tts(mi, tokens=src[0])), axis=1)
+    assert replay.shape == (1, (src.shape[1] - 2) * 2 * 480)
