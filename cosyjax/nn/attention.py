@@ -1,39 +1,54 @@
 """The one attention function used by every attention layer (DiT, U-Net, Conformer, Qwen2).
 
-`attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, scale=None,
+`attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, chunk_size=0, scale=None,
 implementation='auto') -> [B, T, H, D]`
 
 * q: `[B, T, H, D]`; k, v: `[B, S, K, D]` with K dividing H (grouped-query attention: query head h
   uses key/value head h // (H // K)).
 * mask: boolean, broadcastable to `[B, H, T, S]`, True = attend (`jax.nn.dot_product_attention`
-  convention). `q_lengths` / `kv_lengths` (`[B]` int) add padding masks; `bias` is an additive
-  float bias broadcastable to `[B, H, T, S]` (e.g. relative-position scores).
+  convention). `q_lengths` / `kv_lengths` (`[B]` int) add padding masks; `chunk_size` C > 0 adds the
+  flows' streaming chunk mask (block-causal, full left context: query i sees key j iff
+  j < (i // C + 1) * C) without the caller materialising `[T, S]`; `bias` is an additive float bias
+  broadcastable to `[B, H, T, S]` (e.g. relative-position scores). All given masks are AND-ed.
 * A query row whose keys are all masked (or a padded query row) returns exactly zeros, on every
   implementation — never NaN, never a uniform average of V.
 
-Implementations:
+`implementation` is `'<impl>'` or `'<impl>@<platform>'`; the platform part ('cpu' | 'gpu', 'cuda' is
+an alias of 'gpu') names the target the decision is made for instead of `jax.default_backend()` —
+needed when lowering for CUDA on a machine without a GPU (`bench/gpu_lowering.py` uses 'auto@gpu').
 * `xla` — reference and CPU path: logits and softmax in float32 whatever the input dtype, masks
   applied with `where` and a finite minimum, denominators guarded. Never yields NaN/Inf.
-* `cudnn` — `jax.nn.dot_product_attention(implementation='cudnn')` for bf16/fp16 on NVIDIA GPUs
-  (full `[B, 1|H, T, S]` masks; cuDNN rejects `[B, 1, 1, S]`, so masks are broadcast over T).
-* `pallas` — the Pallas GPU flash kernel (`jax.experimental.pallas.ops.gpu.attention.mha`),
-  only without mask/bias/lengths and with T, S multiples of 128.
-* `auto` — cudnn where supported (GPU, bf16/fp16, T > 1), else xla. The path taken is logged
-  once per distinct reason (`logging` logger `cosyjax.attention`).
+* `cudnn` — `jax.nn.dot_product_attention(implementation='cudnn')`: GPU, bf16/fp16, head dim a
+  multiple of 8 and <= 128. Lengths alone go to cuDNN's padding mask; any other mask is broadcast to
+  a full `[B, 1|H, T, S]` mask (cuDNN rejects `[B, 1, 1, S]`) and added as a bias.
+* `pallas` — the project's Pallas flash kernel (`cosyjax.nn.pallas_attention`, Triton backend): GPU,
+  any float dtype, GQA, lengths, chunk masks with key-block skipping, dense masks, bias.
+  `pallas_interpret` runs the same kernel in Pallas interpret mode (any backend; slow; for tests).
+* `auto` — on a GPU: the Pallas kernel for chunk masks (it skips fully masked key blocks), else cuDNN
+  where its rules allow, else the Pallas kernel, else xla; one-row queries (decode steps) and every
+  non-GPU target use xla. The path taken is logged once per distinct reason (logger
+  `cosyjax.attention`).
+An explicit `cudnn` / `pallas` that cannot serve the call raises `CapabilityError` with the reason.
 """
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["attention", "attention_reference_mask", "AttentionImpl"]
+from cosyjax.errors import CapabilityError, CosyJaxError
+from cosyjax.nn import pallas_attention as pa
 
-AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
+__all__ = ["attention", "attention_reference_mask", "block_causal_mask", "choose_implementation",
+           "parse_implementation", "AttentionCall", "IMPLEMENTATIONS", "PLATFORMS"]
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
+PLATFORMS = ("cpu", "gpu", "tpu")
+CUDNN_MAX_HEAD_DIM = 128  # jax's cuDNN check allows 256 only on Hopper, which needs a device to ask
 _LOG = logging.getLogger("cosyjax.attention")
-_LOGGED: set[str] = set()  # once-per-message logging, not model state
+_LOGGED: set[str] = set()  # once-per-message de-dup of trace-time logging; never holds traced values
 
 
 def _log_once(msg: str) -> None:
@@ -42,20 +57,122 @@ def _log_once(msg: str) -> None:
         _LOG.info(msg)
 
 
-def attention_reference_mask(B, H, T, S, mask=None, q_lengths=None, kv_lengths=None):
-    """The combined boolean mask `[B, H|1, T, S]` (or None) that `attention` applies."""
-    m = None
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
-        if mask.ndim != 4:
-            raise ValueError(f"attention mask must have 4 dims broadcastable to [B,H,T,S], got {mask.shape}")
-        for got, want, name in zip(mask.shape, (B, H, T, S), "BHTS"):
-            if got not in (1, want):
-                raise ValueError(f"attention mask shape {mask.shape} does not broadcast to {(B, H, T, S)} "
-                                 f"(axis {name})")
-        m = mask
+class AttentionCall(NamedTuple):
+    """The static facts a path choice depends on (all Python values; nothing traced)."""
+
+    platform: str
+    dtype: str
+    T: int
+    S: int
+    H: int
+    K: int
+    D: int
+    mask_shape: tuple | None
+    has_bias: bool
+    has_lengths: bool
+    chunk_size: int
+
+
+def parse_implementation(implementation: str) -> tuple[str, str | None]:
+    """'pallas@gpu' -> ('pallas', 'gpu'); 'auto' -> ('auto', None). Raises on unknown names."""
+    if not isinstance(implementation, str):
+        raise CosyJaxError(f"attention implementation must be a string, got {implementation!r}")
+    impl, _, platform = implementation.partition("@")
+    if impl not in IMPLEMENTATIONS:
+        raise CosyJaxError(f"unknown attention implementation {implementation!r} (one of {IMPLEMENTATIONS}, "
+                           f"optionally '@cpu' / '@gpu')")
+    if not platform:
+        return impl, None
+    platform = "gpu" if platform == "cuda" else platform
+    if platform not in PLATFORMS:
+        raise CosyJaxError(f"unknown attention target platform {platform!r} in {implementation!r} "
+                           f"(one of {PLATFORMS} or 'cuda')")
+    return impl, platform
+
+
+def cudnn_unsupported_reason(c: AttentionCall) -> str | None:
+    """Why cuDNN flash attention cannot serve `c` (None when it can)."""
+    if c.platform != "gpu":
+        return f"cudnn needs a GPU (target platform {c.platform})"
+    if c.dtype not in ("bfloat16", "float16"):
+        return f"cudnn needs bf16/fp16 (dtype {c.dtype})"
+    if c.D % 8 or c.D > CUDNN_MAX_HEAD_DIM:
+        return f"cudnn needs a head dim that is a multiple of 8 and <= {CUDNN_MAX_HEAD_DIM} (got {c.D})"
+    return None
+
+
+def pallas_unsupported_reason(c: AttentionCall, interpret: bool) -> str | None:
+    """Why the project's Pallas kernel cannot serve `c` (None when it can)."""
+    if not interpret and c.platform != "gpu":
+        return (f"the pallas kernel compiles only for GPU (target platform {c.platform}); "
+                "'pallas_interpret' runs it in interpret mode")
+    return pa.flash_unsupported_reason((1, c.T, c.H, c.D), (1, c.S, c.K, c.D), c.dtype, mask_shape=c.mask_shape)
+
+
+def choose_implementation(implementation: str, c: AttentionCall) -> tuple[str, str]:
+    """(path, reason) for a request; explicit cudnn/pallas that cannot serve `c` raise CapabilityError."""
+    impl, _ = parse_implementation(implementation)
+    if impl == "xla":
+        return "xla", "requested"
+    if impl in ("pallas", "pallas_interpret"):
+        why = pallas_unsupported_reason(c, impl == "pallas_interpret")
+        if why:
+            raise CapabilityError(f"attention implementation {implementation!r} cannot run: {why}")
+        return impl, "requested"
+    if impl == "cudnn":
+        why = cudnn_unsupported_reason(c)
+        if why:
+            raise CapabilityError(f"attention implementation {implementation!r} cannot run: {why}")
+        return "cudnn", "requested"
+    if c.platform != "gpu":
+        return "xla", f"target platform {c.platform}"
+    if c.T == 1:
+        return "xla", "single query row (decode step): a matrix-vector product, no fused kernel needed"
+    pallas_why = pallas_unsupported_reason(c, False)
+    if c.chunk_size and not pallas_why:
+        return "pallas", f"chunk mask (chunk {c.chunk_size}): pallas skips fully masked key blocks"
+    cudnn_why = cudnn_unsupported_reason(c)
+    if not cudnn_why:
+        return "cudnn", f"{c.dtype}, head dim {c.D}"
+    if not pallas_why:
+        return "pallas", cudnn_why
+    return "xla", f"{cudnn_why}; {pallas_why}"
+
+
+def block_causal_mask(T: int, S: int, chunk: int):
+    """[T, S] bool: query i sees key j iff j < (i // chunk + 1) * chunk (upstream `subsequent_chunk_mask`)."""
+    if chunk <= 0:
+        raise CosyJaxError(f"chunk size must be positive, got {chunk}")
+    block_end = (jnp.arange(T) // chunk + 1) * chunk
+    return jnp.arange(S)[None, :] < block_end[:, None]
+
+
+def _check_mask(mask, B, H, T, S):
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"attention mask must be boolean (True = attend), got {mask.dtype}")
+    if mask.ndim != 4:
+        raise ValueError(f"attention mask must have 4 dims broadcastable to [B,H,T,S], got {mask.shape}")
+    for got, want, name in zip(mask.shape, (B, H, T, S), "BHTS"):
+        if got not in (1, want):
+            raise ValueError(f"attention mask shape {mask.shape} does not broadcast to {(B, H, T, S)} "
+                             f"(axis {name})")
+    return mask
+
+
+def _check_bias(bias, B, H, T, S):
+    bias = jnp.asarray(bias)
+    if bias.ndim != 4 or any(got not in (1, want) for got, want in zip(bias.shape, (B, H, T, S))):
+        raise ValueError(f"attention bias shape {bias.shape} does not broadcast to {(B, H, T, S)}")
+    return bias
+
+
+def attention_reference_mask(B, H, T, S, mask=None, q_lengths=None, kv_lengths=None, chunk_size: int = 0):
+    """The combined boolean mask `[B|1, H|1, T|1, S]` (or None) that `attention` applies."""
+    m = None if mask is None else _check_mask(mask, B, H, T, S)
+    if chunk_size:
+        cm = block_causal_mask(T, S, chunk_size)[None, None]
+        m = cm if m is None else m & cm
     if kv_lengths is not None:
         kv = jnp.arange(S)[None, :] < jnp.asarray(kv_lengths).reshape(-1, 1)
         kv = kv[:, None, None, :]
@@ -71,10 +188,10 @@ def _check_shapes(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects q [B,T,H,D], k/v [B,S,K,D]; got {q.shape}, {k.shape}, {v.shape}")
     B, T, H, D = q.shape
-    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
+    if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k {k.shape} and v {v.shape} disagree on [B, S, K]")
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {k.shape} does not match q {q.shape} on batch or head dim")
+    if k.shape[0] != B or k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape} on batch or head dim")
     K = k.shape[2]
     if K == 0 or H % K:
         raise ValueError(f"query heads {H} must be a multiple of key/value heads {K}")
@@ -110,61 +227,57 @@ def _xla_attention(q, k, v, mask, bias, scale):
 
 
 def _row_has_key(mask, B, H, T):
-    """[B, T, H, 1] bool: False where a query row attends to nothing."""
-    any_s = jnp.any(jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], mask.shape[2], mask.shape[3])), axis=-1)
-    any_s = jnp.broadcast_to(any_s, (B, H, T))
+    """mask [B|1, H|1, T|1, S] -> [B, T, H, 1] bool: False where a query row attends to nothing."""
+    any_s = jnp.broadcast_to(jnp.any(mask, axis=-1), (B, H, T))
     return jnp.transpose(any_s, (0, 2, 1))[..., None]
 
 
-def _backend() -> str:
-    try:
-        return jax.default_backend()
-    except Exception:  # pragma: no cover
-        return "cpu"
+def _cudnn_attention(q, k, v, mask, bias, q_lengths, kv_lengths, chunk_size, scale):
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    lengths_only = mask is None and not chunk_size
+    m = attention_reference_mask(B, H, T, S, mask, None if lengths_only else q_lengths,
+                                 None if lengths_only else kv_lengths, chunk_size)
+    full_mask = None if m is None else jnp.broadcast_to(m, (B, m.shape[1], T, S))
+    cb = None if bias is None else jnp.broadcast_to(jnp.asarray(bias, q.dtype),
+                                                    (bias.shape[0], bias.shape[1], T, S))
+    ql = kvl = None
+    if lengths_only and (q_lengths is not None or kv_lengths is not None):
+        ql = None if q_lengths is None else jnp.asarray(q_lengths, jnp.int32).reshape(B)
+        kvl = None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32).reshape(B)
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias=cb, mask=full_mask,
+                                       scale=scale, query_seq_lengths=ql, key_value_seq_lengths=kvl,
+                                       implementation="cudnn")
+    keep = attention_reference_mask(B, H, T, S, mask, q_lengths, kv_lengths, chunk_size)
+    if keep is not None:  # cuDNN averages V over fully masked rows; the contract says zeros
+        out = jnp.where(_row_has_key(keep, B, H, T), out, jnp.zeros((), out.dtype))
+    return out
 
 
-def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, scale=None,
-              implementation: AttentionImpl = "auto"):
+def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, chunk_size: int = 0,
+              scale=None, implementation: str = "auto"):
     """Scaled dot-product attention; q `[B,T,H,D]`, k/v `[B,S,K,D]` -> `[B,T,H,D]` (q's dtype)."""
     B, T, H, D, S, K = _check_shapes(q, k, v)
-    if implementation not in ("auto", "xla", "cudnn", "pallas"):
-        raise ValueError(f"unknown attention implementation {implementation!r}")
+    impl_name, platform = parse_implementation(implementation)
+    chunk_size = int(chunk_size)
+    if chunk_size < 0:
+        raise CosyJaxError(f"chunk_size must be >= 0, got {chunk_size}")
+    if mask is not None:
+        mask = _check_mask(mask, B, H, T, S)
+    if bias is not None:
+        bias = _check_bias(bias, B, H, T, S)
     scale = float(D) ** -0.5 if scale is None else float(scale)
-    m = attention_reference_mask(B, H, T, S, mask, q_lengths, kv_lengths)
-    impl = implementation
-    low_precision = q.dtype in (jnp.bfloat16, jnp.float16)
-    if impl == "auto":
-        if _backend() == "gpu" and low_precision and T > 1:
-            impl = "cudnn"
-        else:
-            impl = "xla"
-            _log_once(f"attention: xla path (backend={_backend()}, dtype={q.dtype})")
-    if impl == "pallas":
-        if m is not None or bias is not None or T % 128 or S % 128 or K != H:
-            _log_once("attention: pallas needs no mask/bias, T,S % 128 == 0 and K == H; using xla")
-            impl = "xla"
-        else:
-            try:
-                from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-
-                _log_once("attention: pallas flash kernel")
-                return pallas_attention.mha(q, k, v, segment_ids=None, sm_scale=scale).astype(q.dtype)
-            except Exception as e:  # unsupported backend / jax version
-                _log_once(f"attention: pallas unavailable ({type(e).__name__}); using xla")
-                impl = "xla"
+    call = AttentionCall(platform or jax.default_backend(), str(jnp.dtype(q.dtype)), T, S, H, K, D,
+                         None if mask is None else tuple(mask.shape), bias is not None,
+                         q_lengths is not None or kv_lengths is not None, chunk_size)
+    impl, reason = choose_implementation(implementation, call)
+    _log_once(f"attention: {impl} ({reason}; {implementation!r}, {call.dtype}, T={T} S={S} H={H} K={K} D={D})")
+    if impl in ("pallas", "pallas_interpret"):
+        return pa.flash_attention(q, k, v, mask=mask, bias=bias, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                  chunk_size=chunk_size, scale=scale, interpret=impl == "pallas_interpret")
     if impl == "cudnn":
-        if not low_precision or _backend() != "gpu":
-            _log_once(f"attention: cudnn needs bf16/fp16 on GPU (dtype={q.dtype}, backend={_backend()}); using xla")
-            impl = "xla"
-        else:
-            _log_once("attention: cudnn fused kernel")
-            full_mask = None if m is None else jnp.broadcast_to(m, (B, m.shape[1], T, S))
-            cb = None if bias is None else jnp.broadcast_to(jnp.asarray(bias, q.dtype), (B, H, T, S))
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias=cb, mask=full_mask,
-                                               scale=scale, implementation="cudnn")
-            if m is not None:
-                out = jnp.where(_row_has_key(m, B, H, T), out, jnp.zeros((), out.dtype))
-            return out.astype(q.dtype)
+        return _cudnn_attention(q, k, v, mask, bias, q_lengths, kv_lengths, chunk_size, scale).astype(q.dtype)
+    m = attention_reference_mask(B, H, T, S, mask, q_lengths, kv_lengths, chunk_size)
     out = _xla_attention(q, k, v, m, bias, scale)
     if m is not None:
         out = jnp.where(_row_has_key(m, B, H, T), out, 0.0)
