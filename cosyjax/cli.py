@@ -358,11 +358,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError, ImportError) as e:
-        # every bad-input error of the package is a ValueError subclass (frontend, config, api)
+    except CosyJaxError as e:
+        # every bad-input error of the package derives from CosyJaxError; anything else is a bug: traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"unknown key {msg}"
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

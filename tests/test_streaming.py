@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cosyjax.streaming import (CV3_SILENT_TOKENS, Chunk, CV2Token2Wav, CV3Token2Wav, SilentTokenFilter,
-                               StreamConfig, StreamScheduler, fade_in_out, filter_silent_tokens,
-                               plan_schedule, resize_mel_linear, run_tts)
+from cosyjax.streaming import (CV3_SILENT_TOKENS, Chunk, CV2Token2Wav, CV3Token2Wav, RecomputeVocoderCV3,
+                               SilentTokenFilter, StreamConfig, StreamError, StreamScheduler, fade_in_out,
+                               filter_silent_tokens, plan_schedule, run_stream)
 from tests.conftest import GOLDEN
 
 # tests/golden/README.md "Streaming schedule": (offset, n_tokens fed, finalize, stream flag, samples yielded)
@@ -109,17 +109,6 @@ def test_fade_in_out_float64():
     assert out.dtype == np.float32
 
 
-def test_resize_mel_linear_matches_torch_formula():
-    mel = np.arange(10, dtype=np.float32)[None, :, None] * np.ones((1, 1, 3), np.float32)
-    up = resize_mel_linear(mel, 20)
-    # align_corners=False: src = (i + .5) / 2 - .5 clamped at 0
-    src = np.maximum((np.arange(20) + 0.5) / 2 - 0.5, 0)
-    np.testing.assert_allclose(up[0, :, 0], np.minimum(src, 9), atol=1e-6)
-    assert resize_mel_linear(mel, 10).tolist() == mel.tolist()
-    with pytest.raises(ValueError):
-        resize_mel_linear(mel, 0)
-
-
 class _Replay:
     """Plays back recorded upstream flow / hift outputs and records what it was fed."""
 
@@ -128,10 +117,15 @@ class _Replay:
         self.flow_calls, self.hift_calls = [], []
         self.n_chunks = int(rec["n_chunks"])
 
-    def flow(self, tokens, streaming, finalize):
+    # the flow-stage interface of cosyjax.streaming: chunk()/final() -> (mel from token_offset*2, frames)
+    def chunk(self, tokens, token_offset, n_tokens, final=False):
         i = len(self.flow_calls)
-        self.flow_calls.append((tokens.copy(), streaming, finalize))
-        return np.transpose(self.rec[f"flow{i}__mel"], (0, 2, 1))  # [1, 80, T] -> [1, T, 80]
+        self.flow_calls.append((np.asarray(tokens[:n_tokens])[None].copy(), not final, final))
+        mel = np.transpose(self.rec[f"flow{i}__mel"], (0, 2, 1))  # [1, 80, T] -> [1, T, 80]
+        return mel[:, 2 * token_offset:], mel.shape[1]
+
+    def final(self, tokens, token_offset, n_tokens):
+        return self.chunk(tokens, token_offset, n_tokens, final=True)
 
     def hift_cv2(self, mel, cache_source):
         i = len(self.hift_calls)
@@ -163,15 +157,22 @@ def test_stream_driver_replays_golden(version):
     inputs = _e2e(version, "inputs")
     replay = _Replay(rec, version)
     if version == "cosyvoice2":
-        t2w = CV2Token2Wav(replay.flow, replay.hift_cv2)
+        t2w = CV2Token2Wav(replay, replay.hift_cv2)
         silent = ()
     else:
-        t2w = CV3Token2Wav(replay.flow, replay.hift_cv3)
+        t2w = CV3Token2Wav(replay, RecomputeVocoderCV3(replay.hift_cv3))  # upstream's re-vocode-everything stage
         silent = CV3_SILENT_TOKENS
     records = []
     # the LLM delivers tokens one at a time
-    chunks = list(run_tts(iter(rec["llm_tokens"].tolist()), t2w, inputs["flow_prompt_speech_token"].shape[1],
-                          stream=True, silent_tokens=silent, records=records))
+    outs = list(run_stream(iter(rec["llm_tokens"].tolist()), t2w, inputs["flow_prompt_speech_token"].shape[1],
+                           silent_tokens=silent, records=records))
+    chunks = [o["tts_speech"] for o in outs]
+    for i, o in enumerate(outs):  # the work each chunk reports is what its stages returned
+        assert o["work"]["flow_frames"] == rec[f"flow{i}__mel"].shape[2]
+        if version == "cosyvoice2":
+            assert o["work"]["vocoder_frames"] == rec[f"hift{i}__speech_feat"].shape[2]
+        else:
+            assert o["work"]["vocoder_frames"] == int(rec[f"hift{i}__mel_len"])
     assert [list(r.row()) for r in records] == rec["schedule"].tolist()
     assert len(chunks) == int(rec["n_chunks"])
     tokens = rec["tts_speech_tokens"]
@@ -195,45 +196,53 @@ def test_stream_driver_replays_golden(version):
         np.testing.assert_array_equal(replay.hift_calls[-1][0], last_mel)
 
 
-@pytest.mark.parametrize("version", ["cosyvoice2", "cosyvoice3"])
-def test_nonstream_driver_replays_golden(version):
-    rec = _e2e(version, "nonstream")
-    replay = _Replay(rec, version)
-    if version == "cosyvoice2":
-        t2w = CV2Token2Wav(replay.flow, lambda mel, cs: (rec["tts_speech"], np.zeros_like(rec["tts_speech"])))
-    else:
-        t2w = CV3Token2Wav(replay.flow, lambda mel, fin: rec["tts_speech"])
-    records = []
-    out = list(run_tts([rec["llm_tokens"]], t2w, 14, stream=False, records=records))
-    assert len(out) == 1 and records[0].row() == (0, 200, 1, 0, 192000)
-    np.testing.assert_array_equal(out[0], rec["tts_speech"])
+def test_scheduler_rejects_bad_calls():
+    s = StreamScheduler(0)
+    s.final(10)
+    with pytest.raises(StreamError, match="already finalized"):
+        s.poll(100)
+    with pytest.raises(StreamError, match="prompt_len"):
+        StreamScheduler(-1)
+    with pytest.raises(StreamError, match="n_total"):
+        t = StreamScheduler(0)
+        assert t.poll(40) is not None
+        t.final(10)
 
 
-def test_speed_rejected_when_streaming():
-    with pytest.raises(ValueError, match="non-streaming"):
-        list(run_tts([[1, 2, 3]], None, 0, stream=True, speed=1.5))
+class _ConstFlow:
+    """Flow stage emitting a constant mel for the frames a chunk owns (counts its calls)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.calls = cfg, []
+
+    def chunk(self, tokens, token_offset, n_tokens):
+        self.calls.append((token_offset, n_tokens, False))
+        n = n_tokens - self.cfg.pre_lookahead_len - token_offset
+        return np.full((1, 2 * n, 80), 0.5, np.float32), 2 * (n_tokens - self.cfg.pre_lookahead_len)
+
+    def final(self, tokens, token_offset, n_tokens):
+        self.calls.append((token_offset, n_tokens, True))
+        return np.full((1, 2 * (n_tokens - token_offset), 80), 0.5, np.float32), 2 * n_tokens
 
 
-def test_speed_resizes_mel_nonstreaming():
-    seen = {}
-
-    def flow(tokens, streaming, finalize):
-        return np.ones((1, 2 * tokens.shape[1], 80), np.float32)
+def test_cv3_recompute_vocoder_stage_yields_only_new_samples():
+    seen = []
 
     def voc(mel, finalize):
-        seen["T"] = mel.shape[1]
-        return np.zeros((1, mel.shape[1] * 480), np.float32)
+        seen.append((mel.shape[1], finalize))
+        n = mel.shape[1] if finalize else mel.shape[1] - 8
+        return np.arange(n * 480, dtype=np.float32)[None]
 
-    out = list(run_tts([list(range(50))], CV3Token2Wav(flow, voc), 0, stream=False, speed=2.0))
-    assert seen["T"] == 50 and out[0].shape == (1, 50 * 480)
+    t2w = CV3Token2Wav(_ConstFlow(StreamConfig()), RecomputeVocoderCV3(voc))
+    outs = list(run_stream([list(range(120))], t2w, 0))
+    audio = np.concatenate([o["tts_speech"] for o in outs], axis=1)
+    np.testing.assert_array_equal(audio[0], np.arange(240 * 480, dtype=np.float32))  # contiguous, no repeats
+    assert seen[-1] == (240, True) and all(not f for _, f in seen[:-1])
+    assert [o["work"]["vocoder_frames"] for o in outs] == [t for t, _ in seen]  # re-vocodes everything: growing
 
 
 def test_cv2_fade_uses_hamming_and_caches():
     cfg = StreamConfig()
-
-    def flow(tokens, streaming, finalize):
-        n = tokens.shape[1] - (0 if finalize else cfg.pre_lookahead_len)
-        return np.full((1, 2 * n, 80), 0.5, np.float32)
 
     def voc(mel, cache_source):
         n = mel.shape[1] * 480
@@ -242,8 +251,11 @@ def test_cv2_fade_uses_hamming_and_caches():
         source[:, :cache_source.shape[1]] = cache_source
         return speech, source
 
-    t2w = CV2Token2Wav(flow, voc)
-    chunks = list(run_tts([list(range(120))], t2w, 0, stream=True))
+    t2w = CV2Token2Wav(_ConstFlow(cfg), voc)
+    outs = list(run_stream([list(range(120))], t2w, 0))
+    chunks = [o["tts_speech"] for o in outs]
+    # CV2 vocodes the new frames + the 8-frame mel cache
+    assert [o["work"]["vocoder_frames"] for o in outs] == [50, 108, 98]
     # constant signals: the fade sums the two halves of the Hamming window (≈ 1 + 0.08 at the ends)
     w = np.hamming(7680)
     expect = (w[:3840] + w[3840:]).astype(np.float32)
