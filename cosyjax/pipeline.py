@@ -386,8 +386,8 @@ class Engine:
             silent = cfg.silent_tokens
         else:
             token_iter, silent = self._llm_token_stream(m, k_llm, llm_hop, llm_kwargs), cfg.silent_tokens
-        t2w = streaming.make_token2wav(cfg.version, self._flow_stage(m, incremental),
-                                       self._vocoder_stage(k_voc, noise_provider, incremental), cfg.stream)
+        t2w = streaming.make_token2wav(cfg.version, self.flow_stage(m, incremental),
+                                       self.vocoder_stage(k_voc, noise_provider, incremental), cfg.stream)
         yield from streaming.run_stream(token_iter, t2w, m.prompt_len, silent_tokens=silent, config=cfg.stream,
                                         records=records)
 
@@ -397,7 +397,7 @@ class Engine:
             yield out["tts_speech"]
 
     # ---- streaming stages --------------------------------------------------------------------------
-    def _flow_stage(self, m: ModelInput, incremental: bool):
+    def flow_stage(self, m: ModelInput, incremental: bool):
         from cosyjax.streaming import RecomputeFlow
 
         num = self.config.numerics
@@ -412,7 +412,7 @@ class Engine:
             from cosyjax.flow.cv3.incremental import IncrementalFlowCV3 as Incremental
         return Incremental(*args, dtype=num.dtype, attention_impl=num.attention)
 
-    def _vocoder_stage(self, key, noise_provider: Optional[NoiseProvider], incremental: bool):
+    def vocoder_stage(self, key, noise_provider: Optional[NoiseProvider], incremental: bool):
         """CosyVoice2: `vocoder(mel, cache_source) -> (speech, source)` (new frames + the 8-frame cache, noise
         per call); CosyVoice3: a stage with `push(mel_new, finalize) -> (speech, frames)`."""
         voc = _vocoder()
