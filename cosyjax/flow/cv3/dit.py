@@ -17,6 +17,12 @@ Layout (time-major, `D = dim`):
 4. final AdaLN with (scale, shift) order, LN eps 1e-6 without affine, Linear(D -> 80).
    The output is NOT multiplied by the mask (upstream does not).
 
+Incremental (cached) calls: `DiT(cfg)(x, None, mu, t, spks, cond, streaming, cache=DiTCache(...))` runs
+only the new frames x [B, F, 80] at absolute positions `cache.start + [0, F)` against the keys/values
+of the earlier frames (`cache.k/v [depth, B, S, inner]`, written at `start` inside each layer) and
+the conv-pos left context; it returns `(v [B, F, 80], DiTCacheUpdate)`. With the block-causal
+(`streaming`) mask and `start` on a chunk boundary this equals the full pass on the valid frames.
+
 Precision: `dtype` is the matmul/conv compute dtype (float32 or bfloat16); the residual stream,
 LayerNorms, AdaLN modulation, time embedding, RoPE tables, softmax and the output projection
 stay float32. Blocks are stacked with `nn.scan` (parameters carry a leading `depth` axis).
@@ -24,6 +30,7 @@ stay float32. Blocks are stacked with `nn.scan` (parameters carry a leading `dep
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -31,10 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosyjax.flow.cv3.config import FlowCV3Config
+from cosyjax.flow.inputs import FlowInputError
 from cosyjax.flow.masks import attention_mask, fix_empty_rows
 from cosyjax.nn.attention import attention
 
-__all__ = ["DiT", "DiTBlock", "rope_inv_freq", "rope_tables", "apply_rope_interleaved", "timestep_sinusoid",
+__all__ = ["DiT", "DiTBlock", "DiTCache", "DiTCacheUpdate", "cached_attention_mask", "rope_inv_freq", "rope_tables",
+           "apply_rope_interleaved", "timestep_sinusoid",
            "layer_norm", "mish"]
 
 LN_EPS = 1e-6
@@ -69,10 +78,12 @@ def rope_inv_freq(dim_head: int, base: float = 10000.0) -> np.ndarray:
     return (np.float32(1.0) / np.power(np.float32(base), exps, dtype=np.float32)).astype(np.float32)
 
 
-def rope_tables(T: int, dim_head: int, base: float = 10000.0):
-    """(cos, sin) float32 [T, dim_head] with interleaved duplicated angles [n w0, n w0, n w1, n w1, ...]."""
+def rope_tables(T: int, dim_head: int, base: float = 10000.0, start=0):
+    """(cos, sin) float32 [T, dim_head] for positions start + [0, T) (start: int, may be traced), with
+    interleaved duplicated angles [n w0, n w0, n w1, n w1, ...]."""
     inv = jnp.asarray(rope_inv_freq(dim_head, base))
-    ang = jnp.arange(T, dtype=jnp.float32)[:, None] * inv[None, :]
+    pos = jnp.arange(T, dtype=jnp.int32) + jnp.asarray(start, jnp.int32)
+    ang = pos.astype(jnp.float32)[:, None] * inv[None, :]
     ang = jnp.repeat(ang, 2, axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
 
@@ -85,8 +96,46 @@ def apply_rope_interleaved(x, cos, sin):
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
+class DiTCache(NamedTuple):
+    """What an incremental DiT call needs about the earlier frames (one ODE step, all CFG rows)."""
+
+    k: jax.Array  # [depth, B, S, inner] keys after RoPE of frames < start (S = capacity; rest ignored)
+    v: jax.Array  # [depth, B, S, inner] values
+    conv_in: jax.Array  # [B, K-1, D] float32: the last K-1 inputs of conv_pos_1 before start (zeros at 0)
+    conv_mid: jax.Array  # [B, K-1, D] float32: the last K-1 inputs of conv_pos_2 before start
+    start: jax.Array  # int32 scalar: absolute frame index of x[:, 0]
+    n_valid: jax.Array  # int32 scalar: x[:, :n_valid] are real frames, the rest bucket padding
+
+
+class DiTCacheUpdate(NamedTuple):
+    """The new frames' contribution: k/v [depth, B, F, inner] and the conv contexts after the valid frames."""
+
+    k: jax.Array
+    v: jax.Array
+    conv_in: jax.Array  # [B, K-1, D]
+    conv_mid: jax.Array  # [B, K-1, D]
+
+
+def cached_attention_mask(start, n_valid, F: int, S: int, static_chunk_size: int):
+    """Queries at start + [0, F) over keys [0, S): key j valid iff j < start + n_valid, and (chunked)
+    j < (i // chunk + 1) * chunk -> [1, 1, F, S] bool, empty rows fixed (upstream's rule)."""
+    q_pos = jnp.arange(F, dtype=jnp.int32) + start
+    k_pos = jnp.arange(S, dtype=jnp.int32)
+    m = k_pos[None, :] < (start + n_valid)
+    if static_chunk_size > 0:
+        m = m & (k_pos[None, :] < ((q_pos // static_chunk_size + 1) * static_chunk_size)[:, None])
+    else:
+        m = jnp.broadcast_to(m, (F, S))
+    return fix_empty_rows(m)[None, None]
+
+
 class DiTBlock(nn.Module):
-    """One AdaLN-zero transformer block: (x [B,T,D] f32, ctx) -> (x, None) for `nn.scan`."""
+    """One AdaLN-zero transformer block for `nn.scan`: (x [B,T,D] f32, ctx, kv) -> (x, new kv).
+
+    kv = None (full pass: keys are the T frames themselves; returns None) or this layer's cached
+    (k [B, S, inner], v [B, S, inner]); then the T new frames' k/v are written at `ctx` start and
+    attended together with the cached ones, and the new k/v [B, T, inner] are returned.
+    """
 
     dim: int
     heads: int
@@ -96,8 +145,8 @@ class DiTBlock(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, ctx):
-        temb, cos, sin, attn_mask, row_keep = ctx
+    def __call__(self, x, ctx, kv=None):
+        temb, cos, sin, attn_mask, row_keep, start = ctx
         B, T, _ = x.shape
         H, dh = self.heads, self.dim_head
         inner = H * dh
@@ -113,7 +162,12 @@ class DiTBlock(nn.Module):
         # projection, i.e. head 0 (upstream `DiT/modules.py:AttnProcessor`; PITFALLS 5).
         q = jnp.concatenate([apply_rope_interleaved(q[..., :dh], cos, sin), q[..., dh:]], axis=-1)
         k = jnp.concatenate([apply_rope_interleaved(k[..., :dh], cos, sin), k[..., dh:]], axis=-1)
-        a = attention(q.reshape(B, T, H, dh), k.reshape(B, T, H, dh), v.reshape(B, T, H, dh), attn_mask,
+        k_all, v_all = k, v
+        if kv is not None:
+            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, start, 0))
+            v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, start, 0))
+        S = k_all.shape[1]
+        a = attention(q.reshape(B, T, H, dh), k_all.reshape(B, S, H, dh), v_all.reshape(B, S, H, dh), attn_mask,
                       implementation=self.attention_impl)
         a = dense(self.dim, "to_out")(a.reshape(B, T, inner)).astype(jnp.float32)
         if row_keep is not None:
@@ -124,7 +178,7 @@ class DiTBlock(nn.Module):
         f = dense(self.dim * self.ff_mult, "ff_in")(h)
         f = jax.nn.gelu(f.astype(jnp.float32), approximate=True).astype(self.dtype)
         f = dense(self.dim, "ff_out")(f).astype(jnp.float32)
-        return x + gate_mlp * f, None
+        return x + gate_mlp * f, (None if kv is None else (k, v))
 
 
 class DiT(nn.Module):
@@ -135,7 +189,7 @@ class DiT(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, mask, mu, t, spks, cond, streaming: bool = False):
+    def __call__(self, x, mask, mu, t, spks, cond, streaming: bool = False, cache: Optional[DiTCache] = None):
         c = self.cfg
         B, T, _ = x.shape
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (B,))
@@ -151,15 +205,31 @@ class DiT(nn.Module):
         e = e.astype(jnp.float32)
         k = c.conv_pos_kernel
         p = e
-        for name in ("conv_pos_1", "conv_pos_2"):
-            p = jnp.pad(p, ((0, 0), (k - 1, 0), (0, 0)))
+        contexts = (None, None) if cache is None else (cache.conv_in, cache.conv_mid)
+        new_contexts = []
+        for name, left in zip(("conv_pos_1", "conv_pos_2"), contexts):
+            if left is None:
+                p = jnp.pad(p, ((0, 0), (k - 1, 0), (0, 0)))
+            else:
+                p = jnp.concatenate([left.astype(p.dtype), p], axis=1)
+                # the last k-1 inputs up to the last valid frame: the next call's left context
+                new_contexts.append(jax.lax.dynamic_slice_in_dim(p, cache.n_valid, k - 1, axis=1))
             p = nn.Conv(c.dim, (k,), padding="VALID", feature_group_count=c.conv_pos_groups, dtype=self.dtype,
                         name=name)(p)
             p = mish(p.astype(jnp.float32))
         h = e + p
 
-        cos, sin = rope_tables(T, c.dim_head, c.rope_base)
-        if mask is None:
+        start = 0 if cache is None else jnp.asarray(cache.start, jnp.int32)
+        cos, sin = rope_tables(T, c.dim_head, c.rope_base, start)
+        kv = None
+        if cache is not None:
+            if mask is not None:
+                raise FlowInputError("DiT: pass mask=None with a cache (key validity comes from cache.start/n_valid)")
+            attn_mask = cached_attention_mask(start, cache.n_valid, T, cache.k.shape[2],
+                                              c.static_chunk_size if streaming else 0)
+            row_keep = jnp.broadcast_to(jnp.arange(T)[None, :] < cache.n_valid, (B, T))
+            kv = (cache.k, cache.v)
+        elif mask is None:
             attn_mask = None
             row_keep = None
             if streaming:
@@ -170,11 +240,14 @@ class DiT(nn.Module):
             row_keep = fix_empty_rows(mask)  # = upstream's mask[:, 0, -1] (last query row)
 
         blocks = nn.scan(DiTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=nn.broadcast, length=c.depth)
-        h, _ = blocks(c.dim, c.heads, c.dim_head, c.ff_mult, self.dtype, self.attention_impl,
-                      name="blocks")(h, (temb, cos, sin, attn_mask, row_keep))
+                         in_axes=(nn.broadcast, 0), length=c.depth)
+        h, new_kv = blocks(c.dim, c.heads, c.dim_head, c.ff_mult, self.dtype, self.attention_impl,
+                           name="blocks")(h, (temb, cos, sin, attn_mask, row_keep, start), kv)
 
         mod = nn.Dense(2 * c.dim, name="norm_out")(nn.silu(temb))
         scale, shift = jnp.split(mod[:, None, :], 2, axis=-1)  # (scale, shift) order (PITFALLS 6)
         h = layer_norm(h) * (1 + scale) + shift
-        return nn.Dense(c.mel_dim, name="proj_out")(h).astype(jnp.float32)
+        out = nn.Dense(c.mel_dim, name="proj_out")(h).astype(jnp.float32)
+        if cache is None:
+            return out
+        return out, DiTCacheUpdate(new_kv[0], new_kv[1], new_contexts[0], new_contexts[1])

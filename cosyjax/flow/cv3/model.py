@@ -66,8 +66,9 @@ class FlowCV3(nn.Module):
         h = self.pre_lookahead_layer(e).astype(jnp.float32)
         return e, jnp.repeat(h, self.cfg.token_mel_ratio, axis=1)
 
-    def estimate(self, x, mask, mu, t, spks, cond, streaming: bool = False):
-        return self.estimator(x, mask, mu, t, spks, cond, streaming=streaming)
+    def estimate(self, x, mask, mu, t, spks, cond, streaming: bool = False, cache=None):
+        """The DiT velocity [B, T, 80]; with a `dit.DiTCache`, `(v, dit.DiTCacheUpdate)` (incremental.py)."""
+        return self.estimator(x, mask, mu, t, spks, cond, streaming=streaming, cache=cache)
 
     def __call__(self, tokens, n_tokens, embedding, x, t, cond, streaming: bool = False):
         """Touches every parameter once (used by `init`): returns the estimator output [B, 2N, 80]."""
