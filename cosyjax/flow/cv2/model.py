@@ -69,8 +69,16 @@ class FlowCV2(nn.Module):
         e, h, h_len = self.encoder_hidden(tokens, n_tokens, n_encoded, streaming)
         return e, self.encoder_proj(h.astype(jnp.float32)), h_len
 
-    def estimate(self, x, mask, mu, t, spks, cond, streaming: bool = False):
-        return self.estimator(x, mask, mu, t, spks, cond, streaming=streaming)
+    def encode_incremental(self, tokens, n_tokens, cache, window):
+        """Incremental `encode` (cosyjax.flow.cv2.incremental): a token window [B, Tq+2+L], its valid
+        length n_tokens [B], encoder cache, `EncoderWindow` -> (mu [B, 2Tq, 80] float32 of the new tokens, cache)."""
+        e = self.token_embedding(tokens, n_tokens)
+        h, cache = self.encoder(e.astype(self.dtype), n_tokens, None, cache=cache, window=window)
+        return self.encoder_proj(h.astype(jnp.float32)), cache
+
+    def estimate(self, x, mask, mu, t, spks, cond, streaming: bool = False, cache=None, window=None):
+        """The U-Net estimator; with `cache`/`window` the incremental form returning (v, cache)."""
+        return self.estimator(x, mask, mu, t, spks, cond, streaming=streaming, cache=cache, window=window)
 
     def __call__(self, tokens, n_tokens, embedding, x, t, cond, streaming: bool = False):
         """Touches every parameter once (used by `init`): returns the estimator output [B, 2N, 80]."""

@@ -38,20 +38,31 @@ def rel_pos_table(length: int, d_model: int) -> jax.Array:
 
 
 def rel_shift(x: jax.Array) -> jax.Array:
-    """[..., T, 2T-1] scores against the rel-pos table -> [..., T, T] with out[i, j] = x[i, T-1-i+j].
+    """[..., T, T+S-1] scores against the rel-pos rows -> [..., T, S] with out[i, j] = x[i, T-1-i+j].
 
-    The zero-pad / reshape trick of upstream's `rel_shift` (pure reshapes and slices, no gather).
+    The zero-pad / reshape trick of upstream's `rel_shift` (pure reshapes and slices, no gather). The
+    full pass has S = T ([..., T, 2T-1] against the whole table); a cached pass has T new queries
+    against S buffered keys.
     """
     *lead, T, P = x.shape
-    if P != 2 * T - 1:
-        raise ValueError(f"rel_shift expects [..., T, 2T-1], got {x.shape}")
-    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])  # [..., T, 2T]
-    x = x.reshape(*lead, 2 * T, T)[..., 1:, :]  # [..., 2T-1, T]
-    return x.reshape(*lead, T, 2 * T - 1)[..., :T]
+    S = P - T + 1
+    if S < 1:
+        raise ValueError(f"rel_shift expects [..., T, T+S-1] with S >= 1, got {x.shape}")
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])  # [..., T, P+1]
+    x = x.reshape(*lead, T * (P + 1))[..., T:]  # dropping T entries shifts row i left by T-1-i
+    return x.reshape(*lead, T, P)[..., :S]
 
 
 class RelPositionMultiHeadedAttention(nn.Module):
-    """x [B, T, D], pos_table [2T-1, D] f32, mask bool (broadcastable to [B, H, T, T]) -> [B, T, D]."""
+    """x [B, T, D], pos_table [2S-1, D] f32, mask bool (broadcastable to [B, H, T, S]) -> [B, T, D].
+
+    Full pass (`cache=None`): S = T, the queries are the keys. Cached pass: `cache` = (k, v) buffers
+    [B, S, H, dk]; the T new frames sit at absolute positions `offset`..`offset+T-1` (traced int,
+    offset + T <= S): their keys/values are written there and they attend the whole buffer (the
+    caller's mask hides stale/unused rows); returns (out, (k, v)). Scores depend on i - j only, so
+    the position term of a new query against a cached key uses table row (S-1) - (i-j), exactly the
+    row the full pass uses for that pair.
+    """
 
     n_head: int
     n_feat: int
@@ -59,25 +70,38 @@ class RelPositionMultiHeadedAttention(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, pos_table, mask=None):
+    def __call__(self, x, pos_table, mask=None, cache=None, offset=None):
         B, T, D = x.shape
         H = self.n_head
         dk = self.n_feat // H
         if D != self.n_feat:
             raise ValueError(f"attention input width {D} != n_feat {self.n_feat}")
-        if pos_table.shape != (2 * T - 1, D):
-            raise ValueError(f"pos_table must be [{2 * T - 1}, {D}], got {pos_table.shape}")
+        S = T if cache is None else cache[0].shape[1]
+        if pos_table.shape != (2 * S - 1, D):
+            raise ValueError(f"pos_table must be [{2 * S - 1}, {D}], got {pos_table.shape}")
         dense = lambda name, bias=True: nn.Dense(self.n_feat, use_bias=bias, dtype=self.dtype, name=name)  # noqa: E731
         q = dense("linear_q")(x).reshape(B, T, H, dk)
         k = dense("linear_k")(x).reshape(B, T, H, dk)
         v = dense("linear_v")(x).reshape(B, T, H, dk)
-        p = dense("linear_pos", bias=False)(pos_table.astype(self.dtype)).reshape(2 * T - 1, H, dk)
+        if cache is None:
+            table = pos_table
+        else:
+            if cache[0].shape != (B, S, H, dk) or cache[1].shape != (B, S, H, dk):
+                raise ValueError(f"cache must be two [{B}, S, {H}, {dk}] buffers, got {cache[0].shape}, "
+                                 f"{cache[1].shape}")
+            at = (0, offset, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+            # relative positions offset-(S-1) .. offset+T-1, i.e. table rows S-T-offset .. 2S-2-offset
+            table = jax.lax.dynamic_slice_in_dim(pos_table, S - T - offset, T + S - 1, axis=0)
+        p = dense("linear_pos", bias=False)(table.astype(self.dtype)).reshape(T + S - 1, H, dk)
         pos_bias_u = self.param("pos_bias_u", nn.initializers.zeros, (H, dk), jnp.float32)
         pos_bias_v = self.param("pos_bias_v", nn.initializers.zeros, (H, dk), jnp.float32)
         q_u = (q.astype(jnp.float32) + pos_bias_u).astype(self.dtype)
         q_v = (q.astype(jnp.float32) + pos_bias_v).astype(self.dtype)
         scale = 1.0 / math.sqrt(dk)
         matrix_bd = jnp.einsum("bthd,phd->bhtp", q_v, p, preferred_element_type=jnp.float32)
-        bias = rel_shift(matrix_bd) * jnp.float32(scale)  # [B, H, T, T], added after q.k * scale
+        bias = rel_shift(matrix_bd) * jnp.float32(scale)  # [B, H, T, S], added after q.k * scale
         out = attention(q_u, k, v, mask, bias=bias, scale=scale, implementation=self.attention_impl)
-        return dense("linear_out")(out.reshape(B, T, D))
+        out = dense("linear_out")(out.reshape(B, T, D))
+        return out if cache is None else (out, (k, v))

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from cosyjax.flow.masks import attention_mask
 from cosyjax.nn.attention import attention
 
 __all__ = ["sinusoidal_time_embedding", "mish", "CausalBlock1D", "CausalResnetBlock1D", "BasicTransformerBlock",
-           "MidBlock", "CausalConditionalDecoder"]
+           "MidBlock", "CausalConditionalDecoder", "UNetWindow"]
 
 
 def mish(x):
@@ -52,45 +54,79 @@ def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
-def _causal_conv(x, features: int, k: int, dtype, name: str):
-    """Left-pad k-1 zeros, Conv1d(k): x [B, T, C] -> [B, T, features]."""
-    x = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
-    return nn.Conv(features, (k,), padding="VALID", dtype=dtype, name=name)(x)
+def _causal_conv(x, features: int, k: int, dtype, name: str, left=None, commit=None):
+    """Left-pad k-1 zeros, Conv1d(k): x [B, T, C] -> [B, T, features].
+
+    Incremental: `left` [B, k-1, C] (the k-1 input frames before x) replaces the zeros; returns
+    (out, the k-1 input frames before row `commit` of x, the next call's `left`).
+    """
+    if left is None:
+        xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
+    else:
+        if left.shape != (x.shape[0], k - 1, x.shape[2]):
+            raise ValueError(f"causal conv {name}: left context must be {(x.shape[0], k - 1, x.shape[2])}, "
+                             f"got {left.shape}")
+        xp = jnp.concatenate([left.astype(x.dtype), x], axis=1)
+    out = nn.Conv(features, (k,), padding="VALID", dtype=dtype, name=name)(xp)
+    if left is None:
+        return out
+    return out, jax.lax.dynamic_slice_in_dim(xp, commit, k - 1, axis=1).astype(left.dtype)
+
+
+class UNetWindow(NamedTuple):
+    """Where an incremental estimator call sits (traced; see `cosyjax.flow.cv2.incremental`)."""
+
+    offset: jax.Array  # int32 scalar: absolute frame of the first new frame (K/V write position)
+    commit: jax.Array  # int32 scalar: new frames that become final after this call (conv contexts kept there)
+    attn_mask: jax.Array  # bool [B, 1, Tq, S]: new queries against the K/V buffers
 
 
 class CausalBlock1D(nn.Module):
-    """x [B, T, C], m [B, T, 1] -> mish(LN(CausalConv_k3(x * m))) * m [B, T, dim_out]."""
+    """x [B, T, C], m [B, T, 1] -> mish(LN(CausalConv_k3(x * m))) * m [B, T, dim_out].
+
+    Incremental: `cache` = left context [B, 2, C] -> (out, new context at row `commit`)."""
 
     dim_out: int
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, m):
-        h = _causal_conv(x * m, self.dim_out, 3, self.dtype, "conv")
+    def __call__(self, x, m, cache=None, commit=None):
+        h = _causal_conv(x * m, self.dim_out, 3, self.dtype, "conv", cache, commit)
+        h, new_cache = (h, None) if cache is None else h
         h = _layer_norm(self.eps, "norm")(h)
-        return (mish(h) * m).astype(self.dtype)
+        h = (mish(h) * m).astype(self.dtype)
+        return h if cache is None else (h, new_cache)
 
 
 class CausalResnetBlock1D(nn.Module):
-    """x [B, T, C_in], m [B, T, 1], temb [B, E] -> [B, T, dim_out]."""
+    """x [B, T, C_in], m [B, T, 1], temb [B, E] -> [B, T, dim_out].
+
+    Incremental: `cache` = (block1, block2) conv contexts -> (out, updated contexts)."""
 
     dim_out: int
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, m, temb):
-        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block1")(x, m)
+    def __call__(self, x, m, temb, cache=None, commit=None):
+        cached = cache is not None
+        ctx1, ctx2 = ((cache[0], commit), (cache[1], commit)) if cached else ((), ())
+        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block1")(x, m, *ctx1)
+        h, c1 = h if cached else (h, None)
         h = h + nn.Dense(self.dim_out, dtype=self.dtype, name="mlp")(mish(temb))[:, None, :]
-        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block2")(h, m)
-        return h + nn.Conv(self.dim_out, (1,), padding="VALID", dtype=self.dtype, name="res_conv")(x * m)
+        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block2")(h, m, *ctx2)
+        h, c2 = h if cached else (h, None)
+        h = h + nn.Conv(self.dim_out, (1,), padding="VALID", dtype=self.dtype, name="res_conv")(x * m)
+        return (h, (c1, c2)) if cached else h
 
 
 class BasicTransformerBlock(nn.Module):
     """Matcha block (self-attention only): x += Attn(LN1(x)); x += FF(LN3(x)).
 
     (x [B, T, C], mask) -> (x, None), the `nn.scan` calling convention.
+    Incremental: (x [B, T, C] new frames, (mask [B, 1, T, S], offset), (k, v) [B, S, H, D]) -> (x, (k, v))
+    with the new frames' keys/values written at `offset`.
     """
 
     dim: int
@@ -101,57 +137,83 @@ class BasicTransformerBlock(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, cache=None):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         h = _layer_norm(self.eps, "norm1")(x).astype(self.dtype)
         q = nn.Dense(H * D, use_bias=False, dtype=self.dtype, name="to_q")(h).reshape(B, T, H, D)
         k = nn.Dense(H * D, use_bias=False, dtype=self.dtype, name="to_k")(h).reshape(B, T, H, D)
         v = nn.Dense(H * D, use_bias=False, dtype=self.dtype, name="to_v")(h).reshape(B, T, H, D)
+        if cache is not None:
+            mask, offset = mask
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, offset, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, offset, 0, 0))
         a = attention(q, k, v, mask, scale=D ** -0.5, implementation=self.attention_impl).reshape(B, T, H * D)
         x = x + nn.Dense(self.dim, dtype=self.dtype, name="to_out")(a)
         h = _layer_norm(self.eps, "norm3")(x).astype(self.dtype)
         h = nn.Dense(4 * self.dim, dtype=self.dtype, name="ff_proj")(h)
         h = jax.nn.gelu(h, approximate=False)
-        return x + nn.Dense(self.dim, dtype=self.dtype, name="ff_out")(h), None
+        return x + nn.Dense(self.dim, dtype=self.dtype, name="ff_out")(h), (None if cache is None else (k, v))
 
 
-def _transformer_stack(c: UNetConfig, dtype, attention_impl: str, name: str) -> nn.Module:
-    """`c.n_blocks` BasicTransformerBlocks scanned over one parameter stack (leading axis n_blocks)."""
+def _transformer_stack(c: UNetConfig, dtype, attention_impl: str, name: str, cached: bool = False) -> nn.Module:
+    """`c.n_blocks` BasicTransformerBlocks scanned over one parameter stack (leading axis n_blocks);
+    `cached`: also scanned over their (k, v) buffers [n_blocks, B, S, H, D]."""
     stack = nn.scan(BasicTransformerBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=nn.broadcast, length=c.n_blocks)
+                    in_axes=(nn.broadcast, 0) if cached else nn.broadcast, length=c.n_blocks)
     return stack(c.channels[0], c.num_heads, c.attention_head_dim, c.ln_eps, dtype, attention_impl, name=name)
 
 
 class MidBlock(nn.Module):
-    """CausalResnetBlock1D(C -> C) + n_blocks transformer blocks: (h, (m, temb, mask)) -> (h, None)."""
+    """CausalResnetBlock1D(C -> C) + n_blocks transformer blocks: (h, (m, temb, mask)) -> (h, None).
+
+    Incremental: (h, (m, temb, mask, offset, commit), {"resnet": contexts, "transformers": (k, v)})
+    -> (h, updated cache)."""
 
     cfg: UNetConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, h, ctx):
-        m, temb, mask = ctx
+    def __call__(self, h, ctx, cache=None):
         c = self.cfg
-        h = CausalResnetBlock1D(c.channels[0], c.ln_eps, self.dtype, name="resnet")(h, m, temb)
-        h, _ = _transformer_stack(c, self.dtype, self.attention_impl, "transformers")(h, mask)
-        return h, None
+        resnet = CausalResnetBlock1D(c.channels[0], c.ln_eps, self.dtype, name="resnet")
+        stack = _transformer_stack(c, self.dtype, self.attention_impl, "transformers", cache is not None)
+        if cache is None:
+            m, temb, mask = ctx
+            h = resnet(h, m, temb)
+            h, _ = stack(h, mask)
+            return h, None
+        m, temb, mask, offset, commit = ctx
+        h, res_cache = resnet(h, m, temb, cache["resnet"], commit)
+        h, kv = stack(h, (mask, offset), cache["transformers"])
+        return h, {"resnet": res_cache, "transformers": kv}
 
 
 class CausalConditionalDecoder(nn.Module):
-    """x, mu, cond [B, T, 80]; mask [B, T] bool; t [B]; spks [B, S] -> v [B, T, 80] (x mask)."""
+    """x, mu, cond [B, T, 80]; mask [B, T] bool; t [B]; spks [B, S] -> v [B, T, 80] (x mask).
+
+    Incremental (`cache` and `window` given): x, mu, cond, mask are the T new frames (mask = valid
+    new frames; the caller's `window.attn_mask` is the streaming chunk mask against the K/V buffers);
+    `cache` = {"down_resnet", "down_conv", "up_resnet", "up_conv", "final_block": causal-conv left
+    contexts [B, 2, C_in] (pairs for resnets), "down_transformers", "up_transformers": (k, v)
+    [n_blocks, B, S, H, D], "mid_blocks": {"resnet", "transformers"} with a leading num_mid axis}
+    -> (v [B, T, 80], updated cache).
+    """
 
     cfg: UNetConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, mask, mu, t, spks, cond, streaming: bool = False):
+    def __call__(self, x, mask, mu, t, spks, cond, streaming: bool = False, cache=None, window=None):
         c = self.cfg
         B, T, _ = x.shape
         if len(c.channels) != 1:
             raise ValueError(f"only single-level U-Nets are supported, got channels {c.channels}")
+        cached = cache is not None
+        if cached != (window is not None):
+            raise ValueError("incremental estimation needs both `cache` and `window`")
         C = c.channels[0]
         mask = jnp.asarray(mask, jnp.bool_)
         if mask.shape != (B, T):
@@ -166,23 +228,56 @@ class CausalConditionalDecoder(nn.Module):
         if h.shape[-1] != c.in_channels:
             raise ValueError(f"x+mu+spks+cond has {h.shape[-1]} channels, estimator expects {c.in_channels}")
         m = mask[..., None].astype(self.dtype)
-        attn_mask = attention_mask(mask, c.static_chunk_size if streaming else 0)  # [B, 1, T|1, T]
+        new = {}
+        if cached:
+            commit = window.commit
+            attn_ctx = (window.attn_mask, window.offset)
 
-        h = CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="down_resnet")(h, m, temb)
-        h, _ = _transformer_stack(c, self.dtype, self.attention_impl, "down_transformers")(h, attn_mask)
+            def conv_args(key):
+                return cache[key], commit
+        else:
+            attn_ctx = attention_mask(mask, c.static_chunk_size if streaming else 0)  # [B, 1, T|1, T]
+
+            def conv_args(key):
+                return ()
+
+        def keep(key, out):
+            # split a cached layer's (out, new cache); pass a full-pass output through
+            if not cached:
+                return out
+            new[key] = out[1]
+            return out[0]
+
+        def stack(name, h):
+            st = _transformer_stack(c, self.dtype, self.attention_impl, name, cached)
+            h, kv = st(h, attn_ctx, cache[name]) if cached else st(h, attn_ctx)
+            if cached:
+                new[name] = kv
+            return h
+
+        h = keep("down_resnet", CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="down_resnet")(
+            h, m, temb, *conv_args("down_resnet")))
+        h = stack("down_transformers", h)
         skip = h
-        h = _causal_conv(h * m, C, 3, self.dtype, "down_conv")
+        h = keep("down_conv", _causal_conv(h * m, C, 3, self.dtype, "down_conv", *conv_args("down_conv")))
 
         if c.num_mid_blocks:
-            mids = nn.scan(MidBlock, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-                           length=c.num_mid_blocks)
-            h, _ = mids(c, self.dtype, self.attention_impl, name="mid_blocks")(h, (m, temb, attn_mask))
+            mids = nn.scan(MidBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=(nn.broadcast, 0) if cached else nn.broadcast, length=c.num_mid_blocks)
+            mids = mids(c, self.dtype, self.attention_impl, name="mid_blocks")
+            if cached:
+                h = keep("mid_blocks", mids(h, (m, temb) + attn_ctx + (commit,), cache["mid_blocks"]))
+            else:
+                h, _ = mids(h, (m, temb, attn_ctx))
 
         h = jnp.concatenate([h, skip], axis=-1)
-        h = CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="up_resnet")(h, m, temb)
-        h, _ = _transformer_stack(c, self.dtype, self.attention_impl, "up_transformers")(h, attn_mask)
-        h = _causal_conv(h * m, C, 3, self.dtype, "up_conv")
+        h = keep("up_resnet", CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="up_resnet")(
+            h, m, temb, *conv_args("up_resnet")))
+        h = stack("up_transformers", h)
+        h = keep("up_conv", _causal_conv(h * m, C, 3, self.dtype, "up_conv", *conv_args("up_conv")))
 
-        h = CausalBlock1D(C, c.ln_eps, self.dtype, name="final_block")(h, m)
+        h = keep("final_block", CausalBlock1D(C, c.ln_eps, self.dtype, name="final_block")(
+            h, m, *conv_args("final_block")))
         out = nn.Conv(c.out_channels, (1,), padding="VALID", dtype=jnp.float32, name="final_proj")(h * m)
-        return out * mask[..., None].astype(out.dtype)
+        out = out * mask[..., None].astype(out.dtype)
+        return (out, new) if cached else out
