@@ -196,16 +196,18 @@ class CosyVoice:
 
     # ------------------------------------------------------------------------------------ synthesis
     def tts(self, model_input: dict, stream: bool = False, speed: float = 1.0, key=None,
-            records: Optional[list] = None, incremental: bool = True) -> Iterator[dict]:
+            records: Optional[list] = None, incremental: bool = True,
+            llm_kwargs: Optional[dict] = None) -> Iterator[dict]:
         """`CosyVoice2Model.tts`: one model_input -> yields {'tts_speech': float32 [1, N]} (streaming: per chunk,
         with 'work' = {'flow_frames', 'vocoder_frames'} computed for it). incremental=False streams by
-        recomputing the prefix every chunk (upstream's algorithm; the reference)."""
+        recomputing the prefix every chunk (upstream's algorithm; the reference). llm_kwargs: extra LLM
+        arguments (min_len / max_len; for bistream text max_final_len, cache_len)."""
         if speed <= 0:
             raise APIError(f"speed must be > 0, got {speed}")
         yield from self.engine.generate(model_input, stream=stream, speed=speed, key=_seed_key(key=key),
-                                        records=records, incremental=incremental)
+                                        records=records, incremental=incremental, llm_kwargs=llm_kwargs)
 
-    def _run(self, segments, build, stream, speed, seed, key, incremental=True):
+    def _run(self, segments, build, stream, speed, seed, key, incremental=True, llm_kwargs=None):
         import jax
 
         from tqdm import tqdm
@@ -215,20 +217,21 @@ class CosyVoice:
             mi = build(seg)
             t0 = time.time()
             for out in self.tts(mi, stream=stream, speed=speed, key=jax.random.fold_in(key, i),
-                                incremental=incremental):
+                                incremental=incremental, llm_kwargs=llm_kwargs):
                 n = out["tts_speech"].shape[1] / self.sample_rate
                 log.info("yield speech len %.2f s, rtf %.3f", n, (time.time() - t0) / max(n, 1e-9))
                 yield out
                 t0 = time.time()
 
     def inference_sft(self, tts_text, spk_id, stream=False, speed=1.0, text_frontend=True, *, seed=None, key=None,
-                      incremental=True):
+                      incremental=True, llm_kwargs=None):
         segs = self.text_normalize(tts_text, split=True, text_frontend=text_frontend)
-        yield from self._run(segs, lambda s: self.frontend_sft(s, spk_id), stream, speed, seed, key, incremental)
+        yield from self._run(segs, lambda s: self.frontend_sft(s, spk_id), stream, speed, seed, key, incremental,
+                             llm_kwargs)
 
     def inference_zero_shot(self, tts_text, prompt_text, prompt_wav, zero_shot_spk_id="", stream=False, speed=1.0,
                             text_frontend=True, *, seed=None, key=None,
-                      incremental=True):
+                      incremental=True, llm_kwargs=None):
         prompt_text = self.text_normalize(prompt_text, split=False, text_frontend=text_frontend)
         segs = self.text_normalize(tts_text, split=True, text_frontend=text_frontend)
         if not zero_shot_spk_id:
@@ -238,31 +241,32 @@ class CosyVoice:
                 log.warning("synthesis text %s too short than prompt text %s, this may lead to bad performance",
                             s, prompt_text)
         yield from self._run(segs, lambda s: self.frontend_zero_shot(s, prompt_text, prompt_wav, zero_shot_spk_id),
-                             stream, speed, seed, key, incremental)
+                             stream, speed, seed, key, incremental, llm_kwargs)
 
     def inference_cross_lingual(self, tts_text, prompt_wav, zero_shot_spk_id="", stream=False, speed=1.0,
                                 text_frontend=True, *, seed=None, key=None,
-                      incremental=True):
+                      incremental=True, llm_kwargs=None):
         segs = self.text_normalize(tts_text, split=True, text_frontend=text_frontend)
         if not zero_shot_spk_id:
             prompt_wav = self.prompt_features(prompt_wav)
         yield from self._run(segs, lambda s: self.frontend_cross_lingual(s, prompt_wav, zero_shot_spk_id),
-                             stream, speed, seed, key, incremental)
+                             stream, speed, seed, key, incremental, llm_kwargs)
 
     def inference_instruct2(self, tts_text, instruct_text, prompt_wav, zero_shot_spk_id="", stream=False, speed=1.0,
                             text_frontend=True, *, seed=None, key=None,
-                      incremental=True):
+                      incremental=True, llm_kwargs=None):
         segs = self.text_normalize(tts_text, split=True, text_frontend=text_frontend)
         if not zero_shot_spk_id:
             prompt_wav = self.prompt_features(prompt_wav)
         yield from self._run(segs, lambda s: self.frontend_instruct2(s, instruct_text, prompt_wav, zero_shot_spk_id),
-                             stream, speed, seed, key, incremental)
+                             stream, speed, seed, key, incremental, llm_kwargs)
 
-    def inference_vc(self, source_wav, prompt_wav, stream=False, speed=1.0, *, seed=None, key=None, incremental=True):
+    def inference_vc(self, source_wav, prompt_wav, stream=False, speed=1.0, *, seed=None, key=None, incremental=True,
+                     llm_kwargs=None):
         if isinstance(source_wav, collections.abc.Iterator):
             raise APIError("source_wav cannot be a generator: voice conversion needs the whole source audio")
         yield from self._run([None], lambda _: self.frontend_vc(source_wav, prompt_wav), stream, speed, seed, key,
-                             incremental)
+                             incremental, llm_kwargs)
 
     def inference_instruct(self, *args, **kwargs):
         raise APIError("inference_instruct is only implemented for CosyVoice-300M; use inference_instruct2")

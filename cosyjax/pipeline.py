@@ -149,7 +149,7 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence, *, speed=1.0,
     r = config.flow.token_mel_ratio
     mis = [ModelInput.from_dict(m, r) for m in model_inputs]
     kinds = {m.kind for m in mis}
-    if "bistream" in kinds:
+    if "bistream" in kinds and tokens is None:  # with given tokens the text (stream) is not needed any more
         raise PipelineInputError("a text generator (bistream) cannot be batched: stream it through Engine.generate "
                                  "or CosyVoice.inference_* one request at a time")
     if len(kinds) > 1 or (tokens is not None and "tokens" in kinds):
