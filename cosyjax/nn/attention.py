@@ -42,10 +42,11 @@ from cosyjax.errors import CapabilityError, CosyJaxError
 from cosyjax.nn import pallas_attention as pa
 
 __all__ = ["attention", "attention_reference_mask", "block_causal_mask", "choose_implementation",
-           "parse_implementation", "AttentionCall", "IMPLEMENTATIONS", "PLATFORMS"]
+           "parse_implementation", "AttentionCall", "IMPLEMENTATIONS", "PLATFORMS", "XLA_SCOPE"]
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
 PLATFORMS = ("cpu", "gpu", "tpu")
+XLA_SCOPE = "cosyjax_xla_attention"  # jax.named_scope of the XLA path
 CUDNN_MAX_HEAD_DIM = 128  # jax's cuDNN check allows 256 only on Hopper, which needs a device to ask
 _LOG = logging.getLogger("cosyjax.attention")
 _LOGGED: set[str] = set()  # once-per-message de-dup of trace-time logging; never holds traced values
@@ -277,8 +278,10 @@ def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None,
                                   chunk_size=chunk_size, scale=scale, interpret=impl == "pallas_interpret")
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, mask, bias, q_lengths, kv_lengths, chunk_size, scale).astype(q.dtype)
-    m = attention_reference_mask(B, H, T, S, mask, q_lengths, kv_lengths, chunk_size)
-    out = _xla_attention(q, k, v, m, bias, scale)
-    if m is not None:
-        out = jnp.where(_row_has_key(m, B, H, T), out, 0.0)
+    # The scope names the XLA path in lowered HLO, so bench/gpu_lowering.py can count unfused attentions.
+    with jax.named_scope(XLA_SCOPE):
+        m = attention_reference_mask(B, H, T, S, mask, q_lengths, kv_lengths, chunk_size)
+        out = _xla_attention(q, k, v, m, bias, scale)
+        if m is not None:
+            out = jnp.where(_row_has_key(m, B, H, T), out, 0.0)
     return out.astype(q.dtype)
