@@ -1,12 +1,15 @@
 """Parity bookkeeping shared by the per-component checkers.
 
-A checker module `cosyjax/parity/<name>.py` exposes `check(ctx: FixtureContext) -> list[Result]`.
-It looks for its own fixture files under `ctx.version_dir` and returns no rows when they are
-absent, so the runner works on any fixture set laid out like `../shared/golden/`.
+A checker module `cosyjax/parity/<name>.py` exposes `check(ctx: FixtureContext) -> list[Result]`
+and reads its fixtures through `ctx.npz` (which records every array it reads). What a folder must
+contain comes from the folder's own `meta.json` (`listing`): the runner turns a listed file or array
+that is absent (`missing_rows`) and a listed array no checker read (`unread_rows`) into failing rows,
+so the runner works on any fixture set laid out like `../shared/golden/` and never passes silently.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import json
 import os
@@ -14,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FixtureContext", "Result", "compare", "exact", "rel_l2"]
+__all__ = ["FixtureContext", "Listing", "Result", "compare", "exact", "listing", "missing_rows", "not_checked",
+           "rel_l2", "unread_rows"]
 
 
 @dataclasses.dataclass
@@ -27,6 +31,7 @@ class Result:
     tol: float
     passed: bool
     note: str = ""
+    checked: bool = True  # False: a fixture folder no checker reads (printed, neither passed nor failed)
 
 
 def rel_l2(got, want) -> float:
@@ -63,12 +68,130 @@ def exact(version: str, component: str, output: str, got, want, note: str = "") 
                   note or "mismatching positions")
 
 
+def failure(version: str, component: str, output: str, note: str) -> Result:
+    """A failing row that carries no measurement (missing fixture, wrong call, crash)."""
+    return Result(version, component, output, float("nan"), float("nan"), 0.0, False, note)
+
+
+def not_checked(version: str, component: str, note: str) -> Result:
+    return Result(version, component, "(not checked)", float("nan"), float("nan"), 0.0, True, note, checked=False)
+
+
+class TrackedArrays(dict):
+    """The arrays of one npz; `read` collects the keys a checker looked up (`in` does not count)."""
+
+    def __init__(self, arrays: dict, read: set):
+        super().__init__(arrays)
+        self.read = read
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.read.add(key)
+        return value
+
+    def get(self, key, default=None):
+        if key in self:
+            return self[key]
+        return default
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What a fixture folder's meta.json promises: file name -> listed array names (None: not an npz)."""
+
+    folder: str
+    files: dict
+
+    def arrays(self, name: str) -> tuple:
+        return tuple(self.files.get(name) or ())
+
+
+_FILE_SUFFIXES = (".npz", ".npy", ".wav", ".json", ".pt")
+
+
+def listing(folder: str, default_npz: str | None = None) -> Listing:
+    """Parse `folder/meta.json`: every key that names a file (`x.npz: {"arrays": {...}}`, `x.wav: {...}`).
+
+    A top-level `"arrays"` table (the frontend's layout) belongs to `default_npz`. Raises
+    FileNotFoundError when the folder has no meta.json.
+    """
+    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    files: dict = {}
+
+    def add(name, entry):
+        arrays = entry.get("arrays") if isinstance(entry, dict) else None
+        files[name] = list(arrays) if isinstance(arrays, dict) else (None if not name.endswith(".npz") else [])
+
+    for key, entry in meta.items():
+        if key.endswith(_FILE_SUFFIXES):
+            add(key, entry)
+        elif isinstance(entry, dict) and key in ("wavs", "files"):
+            for name, sub in entry.items():
+                add(name, sub)
+    for case in meta.get("cases") or ():  # e2e_modes: every listed case's output and input file
+        for name in (case.get("name"), case.get("inputs")):
+            if name and name not in files:
+                files[name] = []
+    if isinstance(meta.get("arrays"), dict):
+        if default_npz is None:
+            raise ValueError(f"{folder}/meta.json has a top-level 'arrays' table but no file is named for it")
+        files[default_npz] = list(meta["arrays"])
+    return Listing(folder, files)
+
+
+def missing_rows(version: str, component: str, lst: Listing) -> list[Result]:
+    """One failing row per listed file / array that the folder lacks."""
+    rows = []
+    for name, arrays in lst.files.items():
+        path = os.path.join(lst.folder, name)
+        if not os.path.exists(path):
+            rows.append(failure(version, component, f"{name} (missing)", f"listed in {component}/meta.json, file absent"))
+            continue
+        if arrays:
+            with np.load(path) as z:
+                have = set(z.files)
+            for key in arrays:
+                if key not in have:
+                    rows.append(failure(version, component, f"{name}:{key} (missing)",
+                                        f"listed in {component}/meta.json, array absent"))
+    return rows
+
+
+def unread_rows(version: str, component: str, lst: Listing, reads: dict, unused: dict | None = None) -> list[Result]:
+    """One failing row per listed, present npz array that the checker never read (no row compares it).
+
+    reads: absolute npz path -> keys read (`FixtureContext.reads`); unused: {file: {key: why}} arrays
+    that are deliberately not compared (upstream outputs it discards).
+    """
+    unused = unused or {}
+    rows = []
+    for name, arrays in lst.files.items():
+        path = os.path.abspath(os.path.join(lst.folder, name))
+        if not arrays or not os.path.exists(path):
+            continue
+        with np.load(path) as z:
+            have = set(z.files)
+        seen = reads.get(path)
+        skip = [*unused.get("*", {}), *unused.get(name, {})]
+        left = [k for k in arrays if k in have and not any(fnmatch.fnmatchcase(k, pat) for pat in skip)
+                and (seen is None or k not in seen)]
+        if seen is None and left:
+            rows.append(failure(version, component, f"{name} (not compared)", "listed in meta.json; no row reads it"))
+        elif left:
+            shown = ", ".join(left[:6]) + (f", ... ({len(left)} arrays)" if len(left) > 6 else "")
+            rows.append(failure(version, component, f"{name} (not compared)", f"arrays no row reads: {shown}"))
+    return rows
+
+
 @dataclasses.dataclass(eq=False)  # hashable by identity: `params` below is lru-cached per context
 class FixtureContext:
     """One version's fixtures: `root/<version>/{modeldir,hift,flow,llm,e2e}` plus `root/common`."""
 
     root: str
     version: str
+    cases: tuple | None = None  # e2e_modes case names to run (None: every listed case)
+    reads: dict = dataclasses.field(default_factory=dict)  # absolute npz path -> keys read (`npz`)
 
     @property
     def version_dir(self) -> str:
@@ -84,9 +207,15 @@ class FixtureContext:
     def has(self, *parts: str) -> bool:
         return os.path.exists(self.fixture(*parts))
 
-    def npz(self, *parts: str) -> dict[str, np.ndarray]:
-        with np.load(self.fixture(*parts)) as z:
-            return {k: z[k] for k in z.files}
+    def npz(self, *parts: str) -> TrackedArrays:
+        """`version_dir/<parts>` as a dict of arrays; the keys read are recorded in `reads`."""
+        return self.load_npz(self.fixture(*parts))
+
+    def load_npz(self, path: str) -> TrackedArrays:
+        path = os.path.abspath(path)
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        return TrackedArrays(arrays, self.reads.setdefault(path, set()))
 
     def json(self, *parts: str) -> Any:
         with open(self.fixture(*parts), encoding="utf-8") as f:

@@ -16,6 +16,7 @@ import numpy as np
 from cosyjax.parity.core import Result, compare
 
 PER_VERSION = False
+DEFAULT_NPZ = "features.npz"  # meta.json's top-level "arrays" table describes this file
 
 TOL = 1e-4
 TOL_FILTERS = 1e-6
@@ -48,8 +49,7 @@ def check(ctx) -> list[Result]:
     from cosyjax.frontend.audio import load_audio
     from cosyjax.frontend.features import kaldi_fbank, prompt_mel, slaney_mel_filters, speaker_fbank, whisper_log_mel
 
-    with np.load(npz_path) as z:
-        fx = {k: z[k] for k in z.files}
+    fx = ctx.load_npz(npz_path)
     with open(os.path.join(root, "meta.json"), encoding="utf-8") as f:
         meta = json.load(f)
     mel_cfgs, rows = _mel_configs(ctx.root, meta)
