@@ -1,4 +1,8 @@
-"""`python -m convert MODEL_DIR OUT_DIR [--components llm,flow,hift]`."""
+"""`python -m convert MODEL_DIR OUT_DIR [--components llm,flow,hift]`.
+
+Converts every component first and writes nothing unless all of them convert: one error message lists
+the problems of the yaml and of every checkpoint (`convert.registry.convert_model`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,11 +10,8 @@ import os
 import sys
 import time
 
-from convert.common import ConversionError
-from convert.registry import COMPONENTS, component_module, convert_component, save_params
-from cosyjax.config import ModelConfig, ModelFolderError
-from cosyjax.io.hyperyaml import YamlError
-from cosyjax.io.torch_checkpoint import CheckpointError
+from convert.registry import COMPONENTS, component_module, convert_model, save_params
+from cosyjax.errors import CosyJaxError
 
 
 def main(argv=None) -> int:
@@ -22,19 +23,18 @@ def main(argv=None) -> int:
                     help="comma-separated subset of %s" % ",".join(COMPONENTS))
     args = ap.parse_args(argv)
     try:
-        cfg = ModelConfig.from_dir(args.model_dir)
         names = [c.strip() for c in args.components.split(",") if c.strip()]
         for name in names:
-            component_module(name)  # validates the name early
+            component_module(name)  # validates the names before any work
+        t0 = time.time()
+        cfg, trees = convert_model(args.model_dir, names)
         os.makedirs(args.out_dir, exist_ok=True)
-        for name in names:
-            t0 = time.time()
-            params = convert_component(name, cfg)
+        for name, params in trees.items():
             out = os.path.join(args.out_dir, name)
             save_params(out, params)
-            print(f"{cfg.version} {name}: {cfg.path(component_module(name).CHECKPOINT)} -> {out} "
-                  f"({time.time() - t0:.1f} s)")
-    except (ModelFolderError, YamlError, CheckpointError, ConversionError, ValueError) as e:
+            print(f"{cfg.version} {name}: {cfg.path(component_module(name).CHECKPOINT)} -> {out}")
+        print(f"converted {len(trees)} component(s) in {time.time() - t0:.1f} s")
+    except (CosyJaxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

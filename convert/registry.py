@@ -15,11 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from convert.common import StateDict
+from convert.common import ConversionError, StateDict
 from cosyjax.config import ModelConfig
+from cosyjax.errors import CosyJaxError
 from cosyjax.io.torch_checkpoint import load_state_dict
 
-__all__ = ["COMPONENTS", "component_module", "convert_component", "convert_state", "load_params", "save_params"]
+__all__ = ["COMPONENTS", "ModelConversionError", "component_module", "convert_component", "convert_model",
+           "convert_state", "load_params", "save_params"]
 
 COMPONENTS = ("llm", "flow", "hift")
 
@@ -45,6 +47,42 @@ def convert_component(name: str, model_cfg: ModelConfig) -> Any:
     mod = component_module(name)
     path = model_cfg.path(mod.CHECKPOINT)
     return convert_state(name, load_state_dict(path), model_cfg, source=path)
+
+
+class ModelConversionError(ConversionError):
+    """A model folder with problems in several places (yaml, checkpoints): `problems` lists them all."""
+
+    def __init__(self, model_dir: str, problems: list[tuple[str, str]]):
+        self.problems = problems
+        lines = [f"{model_dir}: {len(problems)} problem(s), nothing converted"]
+        lines += [f"[{where}] " + msg.replace("\n", "\n    ") for where, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def convert_model(model_dir: str, names=COMPONENTS) -> tuple[ModelConfig, dict[str, Any]]:
+    """Convert every named component of a model folder -> (config, {name: params}).
+
+    Every problem is collected before failing: the yaml / folder (then each checkpoint is still read, so a
+    broken one is reported too) and each component's checkpoint keys. Raises `ModelConversionError`."""
+    mods = {name: component_module(name) for name in names}
+    problems: list[tuple[str, str]] = []
+    try:
+        cfg = ModelConfig.from_dir(model_dir)
+    except CosyJaxError as e:
+        problems.append(("yaml / model folder", str(e)))
+        cfg = None
+    out: dict[str, Any] = {}
+    for name, mod in mods.items():
+        try:
+            if cfg is None:  # no config to convert against: at least check that the checkpoint reads
+                load_state_dict(os.path.join(model_dir, mod.CHECKPOINT))
+            else:
+                out[name] = convert_component(name, cfg)
+        except CosyJaxError as e:
+            problems.append((f"{name}: {mod.CHECKPOINT}", str(e)))
+    if problems:
+        raise ModelConversionError(model_dir, problems)
+    return cfg, out
 
 
 def save_params(path: str, tree: Any) -> None:
