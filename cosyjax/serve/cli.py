@@ -1,0 +1,147 @@
+"""`cosyjax serve`: run the OpenAI-compatible speech server (uvicorn), or deploy it on Ray Serve (`--ray`).
+
+    cosyjax serve --model-dir pretrained_models/Fun-CosyVoice3-0.5B --voice alice=alice.npz
+    cosyjax serve --demo                      # the tiny demo folder, voice 'demo'
+    cosyjax serve --model-dir DIR --ray --replicas 2
+
+A model folder holding `demo_prompt.npz` (the demo folder) gets the built-in voice `demo`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cosyjax.errors import CosyJaxError
+
+__all__ = ["add_parser", "run", "config_from_args", "ServeCLIError"]
+
+
+class ServeCLIError(CosyJaxError):
+    """Bad `cosyjax serve` arguments."""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the `serve` subcommand to an argparse sub-parser collection; `run(args)` executes it."""
+    s = sub.add_parser("serve", help="OpenAI-compatible speech server (POST /v1/audio/speech)")
+    s.add_argument("--model-dir", help="model folder (or --demo)")
+    s.add_argument("--demo", action="store_true", help="serve the tiny demo folder (cosyjax.demo)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--voice", action="append", default=[], metavar="NAME=FILE",
+                   help="built-in voice from a prompt .npz (repeatable)")
+    s.add_argument("--voices-dir", help="folder for uploaded voices (default: <cache>/voices/<model name>)")
+    s.add_argument("--model-name", help="model id reported by /v1/models (default: the folder's name)")
+    s.add_argument("--api-key", default=os.environ.get("COSYJAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $COSYJAX_API_KEY)")
+    s.add_argument("--max-batch", type=int, default=8, help="most segments in one batched call")
+    s.add_argument("--batch-window-ms", type=float, default=20.0, help="how long a request waits for company")
+    s.add_argument("--max-input-chars", type=int, default=4096)
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="upload size limit")
+    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    s.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "pallas"))
+    s.add_argument("--sampling", default="ras", choices=("ras", "greedy"))
+    s.add_argument("--cache-dir", help="converted-checkpoint cache (default ~/.cache/cosyjax)")
+    s.add_argument("--no-text-frontend", action="store_true", help="skip text normalisation")
+    s.add_argument("--warmup", action="store_true", help="compile the batch buckets and the stream path first")
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--ray", action="store_true", help="deploy on Ray Serve (extra [ray]) instead of uvicorn")
+    s.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (one per device)")
+    s.add_argument("--ray-address", default=None, help="Ray cluster address (default: start or join a local one)")
+    s.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="devices per replica (default: 1 when the cluster has GPUs, else 0)")
+    s.set_defaults(serve_run=run)
+    return s
+
+
+def _model_dir(args) -> str:
+    if args.demo:
+        from cosyjax.demo import build_demo_model_dir
+
+        return build_demo_model_dir("cosyvoice3")
+    if not args.model_dir:
+        raise ServeCLIError("serve needs --model-dir DIR (or --demo)")
+    if not os.path.isdir(args.model_dir):
+        raise ServeCLIError(f"--model-dir: folder not found: {args.model_dir}")
+    return os.path.abspath(args.model_dir)
+
+
+def config_from_args(args, model_dir: str):
+    """ServeConfig from parsed `serve` arguments (voices checked here, before the model loads)."""
+    from cosyjax.model_cache import cache_root
+    from cosyjax.serve.app import ServeConfig
+    from cosyjax.serve.voices import check_voice_name
+
+    voices = []
+    for item in args.voice:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ServeCLIError(f"--voice {item!r}: expected NAME=FILE")
+        check_voice_name(name, param="--voice")
+        if not os.path.isfile(path):
+            raise ServeCLIError(f"--voice {name}: file not found: {path}")
+        voices.append((name, os.path.abspath(path)))
+    demo = os.path.join(model_dir, "demo_prompt.npz")
+    if os.path.isfile(demo) and "demo" not in {n for n, _ in voices}:
+        voices.append(("demo", demo))
+    name = args.model_name or os.path.basename(os.path.normpath(model_dir))
+    if args.max_batch < 1:
+        raise ServeCLIError(f"--max-batch must be >= 1, got {args.max_batch}")
+    return ServeConfig(model_name=name, voices_dir=args.voices_dir or os.path.join(cache_root(), "voices", name),
+                       voices=tuple(voices), api_key=args.api_key or None, max_batch=args.max_batch,
+                       batch_window_ms=args.batch_window_ms, max_input_chars=args.max_input_chars,
+                       max_upload_bytes=int(args.max_upload_mb * 2 ** 20), text_frontend=not args.no_text_frontend)
+
+
+def load_tts(model_dir: str, args):
+    from cosyjax.api import CosyVoice
+
+    return CosyVoice.from_pretrained(model_dir, dtype=args.dtype, attention=args.attention, cache_dir=args.cache_dir,
+                                     sampling=args.sampling, progress=True)
+
+
+def warmup(app) -> None:
+    """Compile what requests will run: one batch per row bucket (1, 2, 4, ... max_batch) and one stream."""
+    from cosyjax.serve.batcher import batch_bucket
+    from cosyjax.serve.speech_request import parse_speech_request
+
+    svc = app.state.service
+    names = svc.voices.names()
+    if not names:
+        print("warmup skipped: no voice registered", file=sys.stderr)
+        return
+    req = parse_speech_request({"model": svc.model_name, "input": "Hello.", "voice": names[0], "stream": False,
+                                "response_format": "wav"}, formats=svc.formats, models=svc.models)
+    _, inputs, keys = svc.model_inputs(req, 0)
+    sizes = sorted({batch_bucket(n, svc.config.max_batch) for n in range(1, svc.config.max_batch + 1)})
+    for b in sizes:
+        print(f"warmup: batch of {b}", file=sys.stderr)
+        svc.tts.engine.synthesize_batch(inputs[:1] * b, keys[:1] * b)
+    print("warmup: stream", file=sys.stderr)
+    for _ in svc.tts.engine.tts(inputs[0], stream=True, key=keys[0]):
+        pass
+
+
+def run(args) -> int:
+    """Execute `cosyjax serve` (blocks until the server stops)."""
+    if args.ray:
+        from cosyjax.serve.ray_app import run_ray
+
+        return run_ray(args)
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ServeCLIError("cosyjax serve needs the [serve] extra: pip install 'cosyjax[serve]'") from e
+    from cosyjax.serve.app import create_app
+
+    model_dir = _model_dir(args)
+    config = config_from_args(args, model_dir)
+    app = create_app(load_tts(model_dir, args), config)
+    if args.warmup:
+        warmup(app)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"warning: listening on {args.host} without --api-key", file=sys.stderr)
+    print(f"serving {config.model_name} on http://{args.host}:{args.port} (voices: "
+          f"{', '.join(app.state.service.voices.names()) or 'none'}; uploads in {config.voices_dir})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
