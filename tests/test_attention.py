@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cosyjax.nn.attention import attention
+from cosyjax.errors import CapabilityError
+from cosyjax.nn.attention import AttentionCall, attention, block_causal_mask, choose_implementation
 
 
 def reference(q, k, v, mask, bias=None, scale=None):
@@ -39,7 +40,7 @@ def reference(q, k, v, mask, bias=None, scale=None):
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 4e-2, jnp.float16: 5e-3}
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     B=st.integers(1, 3), T=st.integers(1, 40), S=st.one_of(st.integers(1, 40), st.integers(41, 2048)),
     K=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 3]), D=st.sampled_from([4, 8]),
@@ -134,3 +135,59 @@ def test_jit_and_grad_are_finite_with_dead_rows():
     f = jax.jit(lambda q: attention(q, k, k, mask).sum())
     g = jax.grad(f)(q)
     assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def _call(platform="gpu", dtype="bfloat16", T=100, D=64, mask_shape=(2, 1, 100, 100), bias=False, chunk=0, H=4, K=2):
+    return AttentionCall(platform, dtype, T, 100, H, K, D, mask_shape, bias, False, chunk)
+
+
+@pytest.mark.parametrize("request_, call, want", [
+    ("auto", _call(platform="cpu"), "xla"),
+    ("auto", _call(), "cudnn"),  # dense [B,1,T,S] mask, bf16, GQA
+    ("auto", _call(mask_shape=(2, 1, 1, 100), bias=True), "cudnn"),
+    ("auto", _call(chunk=50, mask_shape=None), "pallas"),  # structured chunk mask: block skipping
+    ("auto", _call(dtype="float32"), "pallas"),  # cuDNN needs bf16/fp16
+    ("auto", _call(D=100), "pallas"),  # cuDNN head dim must be a multiple of 8
+    ("auto", _call(D=512), "xla"),  # neither kernel
+    ("auto", _call(T=1), "xla"),  # decode step
+    ("auto@cpu", _call(), "xla"),  # the @platform part overrides the call's platform
+    ("pallas_interpret", _call(platform="cpu"), "pallas_interpret"),
+    ("xla", _call(), "xla"),
+])
+def test_path_choice_is_a_function_of_the_call(request_, call, want):
+    if "@" in request_:
+        call = call._replace(platform=request_.split("@")[1])
+    path, reason = choose_implementation(request_, call)
+    assert path == want and reason
+
+
+@pytest.mark.parametrize("request_, call, match", [
+    ("cudnn", _call(platform="cpu"), "needs a GPU"),
+    ("cudnn", _call(dtype="float32"), "bf16/fp16"),
+    ("cudnn", _call(D=100), "multiple of 8"),
+    ("pallas", _call(platform="cpu"), "compiles only for GPU"),
+    ("pallas", _call(D=512), "head dim 512"),
+])
+def test_explicit_kernel_that_cannot_run_raises(request_, call, match):
+    with pytest.raises(CapabilityError, match=match):
+        choose_implementation(request_, call)
+
+
+def test_explicit_cudnn_on_this_cpu_raises_instead_of_falling_back():
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    with pytest.raises(CapabilityError, match="cudnn needs a GPU"):
+        attention(q, q, q, implementation="cudnn@cpu")
+    with pytest.raises(ValueError, match="unknown attention target platform"):
+        attention(q, q, q, implementation="auto@mars")
+
+
+def test_chunk_size_equals_the_dense_chunk_mask():
+    rng = np.random.default_rng(2)
+    B, T, H, D, C = 2, 23, 2, 8, 5
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32) for _ in range(3))
+    kvl = jnp.array([23, 11])
+    out = attention(q, k, v, kv_lengths=kvl, chunk_size=C, implementation="xla")
+    mask = np.asarray(block_causal_mask(T, T, C))[None, None] & (np.arange(T) < np.asarray(kvl)[:, None])[:, None, None]
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, mask), atol=2e-5)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    assert np.array_equal(np.asarray(block_causal_mask(T, T, C)), j < (i // C + 1) * C)
