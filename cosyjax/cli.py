@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stream", action="store_true", help="streaming synthesis")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    from cosyjax.serve.cli import add_parser as add_serve_parser  # light: FastAPI loads only when serve runs
+    add_serve_parser(sub)
     return p
 
 
@@ -354,7 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise CLIError("missing command (synth, convert, info or demo); see cosyjax --help")
-        return {"synth": _synth, "convert": _convert, "info": _info, "demo": _demo}[args.command](args)
+        return {"synth": _synth, "convert": _convert, "info": _info, "demo": _demo,
+                "serve": lambda a: a.serve_run(a)}[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
