@@ -36,6 +36,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Logged (WARNING) when engine='auto' finds no wetext: the output then differs from upstream's default.
+WETEXT_MISSING = (
+    "wetext text normaliser unavailable (%s): using the rule-only fallback, which differs from upstream: "
+    "numbers, dates, times, currencies, units and symbols are not verbalised by wetext's zh/en normalisers "
+    "(only upstream's Chinese clean-up rules and English digit spelling run), so text tokens and audio can "
+    "differ. For upstream's behaviour install the text extra: pip install -e \".[text]\" "
+    "(pass engine='none' to choose the rule-only path without this warning)")
+
 _CHINESE = re.compile(r"[\u4e00-\u9fff]+")
 _ZH_PUNCT = ("。", "？", "！", "；", "：", "、", ".", "?", "!", ";")
 _EN_PUNCT = (".", "?", "!", ";", ":")
@@ -191,7 +199,7 @@ class TextNormalizer:
             self.zh_tn = self.en_tn = None
             if required:
                 raise RuntimeError(f"wetext text normaliser unavailable: {e}") from e
-            log.info("wetext unavailable (%s); using the rule-only fallback", e)
+            log.warning(WETEXT_MISSING, e)
             return ""
         return "wetext"
 
