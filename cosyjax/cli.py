@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cosyjax.serve.cli import add_parser as add_serve_parser  # light: FastAPI loads only when serve runs
     add_serve_parser(sub)
+    from cosyjax.train.cli import add_parser as add_finetune_parser  # light: jax/optax load only when it runs
+    add_finetune_parser(sub)
     return p
 
 
@@ -358,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             raise CLIError("missing command (synth, convert, info or demo); see cosyjax --help")
         return {"synth": _synth, "convert": _convert, "info": _info, "demo": _demo,
-                "serve": lambda a: a.serve_run(a)}[args.command](args)
+                "serve": lambda a: a.serve_run(a), "finetune": lambda a: a.finetune_run(a)}[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
