@@ -272,7 +272,7 @@ def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None,
                          None if mask is None else tuple(mask.shape), bias is not None,
                          q_lengths is not None or kv_lengths is not None, chunk_size)
     impl, reason = choose_implementation(implementation, call)
-    _log_once(f"attention: {impl} ({reason}; {implementation!r}, {call.dtype}, T={T} S={S} H={H} K={K} D={D})")
+    _log_once(f"attention: {impl} ({reason}; requested {implementation!r}, {call.dtype}, H={H} K={K} D={D})")
     if impl in ("pallas", "pallas_interpret"):
         return pa.flash_attention(q, k, v, mask=mask, bias=bias, q_lengths=q_lengths, kv_lengths=kv_lengths,
                                   chunk_size=chunk_size, scale=scale, interpret=impl == "pallas_interpret")
