@@ -9,6 +9,13 @@ SineGen2 phase under local x64, then source/STFT/generator/iSTFT), achieved conv
 ratio to upstream PyTorch (H100: CV2 13.5 ms, CV3 19.2 ms; 2 CPU cores: 1.2 s). With
 `--precision both`, also the wav difference between 'highest' (true float32) and 'default' (TF32 on
 recent NVIDIA GPUs; identical on CPU) -- the TF32 risk: f0-predictor and STFT stay pinned to highest.
+
+    python bench/bench_hift.py --stream 60 [--model tiny|fullsize]
+
+Streaming CosyVoice3 vocoder over the streaming chunk schedule (prompt 0, 25 tokens/s): the
+incremental `IncrementalVocoderCV3` against the recompute path (upstream token2wav: `vocode` on the
+whole accumulated mel every chunk), each run twice (first run includes compilation, the second is
+timed warm); prints per-push seconds, totals, the summed vocoder frames and the max rel-L2 between them.
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ from cosyjax.config import ModelConfig  # noqa: E402
 from cosyjax.hift.config import HiFTConfig  # noqa: E402
 from cosyjax.hift.f0_predictor import x64_enabled  # noqa: E402
 from cosyjax.hift.generator import HiFTGenerator  # noqa: E402
+from cosyjax.hift.incremental import IncrementalVocoderCV3  # noqa: E402
 from cosyjax.hift.vocoder import _split, _stage_f0, _stage_wave, bucket_length, device_params, vocode  # noqa: E402
+from cosyjax.streaming import plan_schedule  # noqa: E402
 
 UPSTREAM_MS = {"gpu": {"cosyvoice2": 13.5, "cosyvoice3": 19.2}, "cpu": {"cosyvoice2": 1200.0, "cosyvoice3": 1200.0}}
 FULLSIZE = os.path.join(os.path.dirname(__file__), "..", "tests", "fullsize")
@@ -116,6 +125,55 @@ def bench_version(version: str, args, precision: str):
                 bucket=tb)
 
 
+def bench_stream(seconds: int, model: str) -> None:
+    if model == "tiny":
+        from convert.registry import convert_component
+
+        mc = ModelConfig.from_dir(os.path.join(os.path.dirname(__file__), "..", "tests", "golden", "cosyvoice3",
+                                               "modeldir"))
+        cfg = HiFTConfig.from_model_config(mc)
+        params = device_params(convert_component("hift", mc), cfg)
+    else:
+        cfg = HiFTConfig.from_model_config(ModelConfig.from_dir(os.path.join(FULLSIZE, "cosyvoice3"), need_qwen=False))
+        params = device_params(random_params(cfg), cfg)
+    n_tok = seconds * 25
+    mel = (np.random.default_rng(1).standard_normal((1, 2 * n_tok, cfg.in_channels)) * 2 - 5).astype(np.float32)
+    pushes = [(2 * c.token_offset, 2 * (c.n_tokens if c.finalize else c.n_tokens - 3), c.finalize)
+              for c in plan_schedule(n_tok, 0)]
+
+    def incremental():
+        inc = IncrementalVocoderCV3(params, cfg)
+        out = []
+        for lo, hi, fin in pushes:
+            t0 = time.perf_counter()
+            audio, frames = inc.push(mel[:, lo:hi], fin)
+            out.append((time.perf_counter() - t0, audio, frames))
+        return out
+
+    def recompute():
+        out, emitted = [], 0
+        for _, hi, fin in pushes:
+            t0 = time.perf_counter()
+            audio = np.asarray(vocode(params, cfg, mel[:, :hi], finalize=fin)[0])[:, emitted:]
+            emitted += audio.shape[1]
+            out.append((time.perf_counter() - t0, audio, hi))
+        return out
+
+    print(f"CV3 streaming vocoder, {model} model, {seconds} s ({2 * n_tok} mel frames, {len(pushes)} pushes)")
+    runs = {}
+    for name, fn in (("incremental", incremental), ("recompute", recompute)):
+        cold = fn()
+        warm = fn()
+        runs[name] = warm
+        print(f"{name:<12} first run {sum(r[0] for r in cold):8.2f} s (with compilation), warm run "
+              f"{sum(r[0] for r in warm):8.2f} s; non-final vocoder frames {sum(r[2] for r in warm[:-1])}")
+        print(f"{'':<12} warm per push (s): " + " ".join(f"{r[0]:.2f}" for r in warm), flush=True)
+    emitted = sum(r[1].shape[1] for r in runs["incremental"][:-1]) // cfg.upsample_scale
+    err = max(float(np.linalg.norm(a[1] - b[1]) / max(np.linalg.norm(b[1]), 1e-30))
+              for a, b in zip(runs["incremental"], runs["recompute"]))
+    print(f"non-final pushes emit {emitted} frames; max per-push rel-L2 incremental vs recompute {err:.2e}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=500)
@@ -124,7 +182,12 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=("highest", "default", "both"), default="both")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--versions", default="cosyvoice2,cosyvoice3")
+    ap.add_argument("--stream", type=int, default=0, help="seconds of streamed CV3 audio (incremental vs recompute)")
+    ap.add_argument("--model", choices=("tiny", "fullsize"), default="tiny")
     args = ap.parse_args(argv)
+    if args.stream:
+        bench_stream(args.stream, args.model)
+        return 0
 
     dev = jax.devices()[0]
     kind = "gpu" if dev.platform == "gpu" else "cpu"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,8 @@ import pytest
 
 from cosyjax.hift.config import HiFTConfig
 from cosyjax.hift.f0_predictor import x64_active, x64_enabled
-from cosyjax.hift.source import (_linear_plan, default_noise, exact_div, frame_phase, linear_upsample,
-                                 nearest_upsample, sine_phase)
+from cosyjax.hift.source import (AccumulationDtypeError, _linear_plan, default_noise, exact_div, frame_cumsum,
+                                 frame_phase, linear_upsample, nearest_upsample, sine_phase)
 from cosyjax.hift.stft import hann_window, istft, stft
 
 N_FFT, HOP = 16, 4
@@ -88,10 +89,27 @@ def test_frame_phase_is_bitwise_torch_under_x64_jit():
     f0 = (np.random.RandomState(4).rand(2, 37) * 400).astype(np.float32)
     with x64_enabled():
         assert x64_active()
-        got = jax.jit(lambda f: frame_phase(f, CV3))(f0)
+        got = jax.jit(lambda f: frame_phase(f, CV3, acc_dtype=jnp.float64))(f0)
     assert not x64_active()
     assert got.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(got), _phase_reference(f0, CV3))
+
+
+def test_frame_phase_carry_continues_the_whole_sum_and_float64_needs_x64():
+    f0 = (np.random.RandomState(6).rand(1, 300, ) * 400).astype(np.float32)
+    with x64_enabled():
+        whole = jax.jit(lambda f: frame_phase(f, CV3, acc_dtype=jnp.float64))(f0)
+        carry = jax.jit(lambda f: frame_cumsum(f, CV3, acc_dtype=jnp.float64))(f0[:, :170])[:, -1]
+        assert carry.dtype == jnp.float64
+        tail = jax.jit(lambda f, c: frame_phase(f, CV3, acc_dtype=jnp.float64, initial=c))(f0[:, 170:], carry)
+    np.testing.assert_array_equal(np.asarray(tail), np.asarray(whole)[:, 170:])
+    # float32 accumulation is selectable (and differs from torch's double accumulation somewhere)
+    f32 = jax.jit(lambda f: frame_phase(f, CV3, acc_dtype=jnp.float32))(f0)
+    assert f32.dtype == jnp.float32 and not np.array_equal(np.asarray(f32), np.asarray(whole))
+    with pytest.raises(AccumulationDtypeError, match="x64_enabled"):
+        frame_phase(f0, CV3, acc_dtype=jnp.float64)
+    with pytest.raises(AccumulationDtypeError, match="float32 or float64"):
+        frame_phase(f0, CV3, acc_dtype=jnp.float16)
 
 
 def test_linear_upsample_replays_aten_and_respects_lengths():
@@ -100,7 +118,7 @@ def test_linear_upsample_replays_aten_and_respects_lengths():
     assert i0[239 + 480] == 0 and i0[240 + 480] == 1  # frame centres at 480t + 239.5
     x = np.random.RandomState(5).randn(1, 5, 9).astype(np.float32) * 1000
     with x64_enabled():
-        up = jax.jit(linear_upsample, static_argnums=1)
+        up = jax.jit(functools.partial(linear_upsample, acc_dtype=jnp.float64), static_argnums=1)
         full = np.asarray(up(x[:, :3], 480))
         padded = np.asarray(up(x, 480, jnp.array([3])))
     np.testing.assert_array_equal(padded[:, :1440], full)
@@ -117,7 +135,7 @@ def test_nearest_upsample_and_staircase_phase():
     np.testing.assert_array_equal(nearest_upsample(x, 480), np.repeat(np.asarray(x), 480, axis=1))
     f0 = jnp.asarray([[100.0, 0.0, 250.0]])
     with x64_enabled():
-        ph = np.asarray(jax.jit(lambda f: sine_phase(f, CV3))(f0))
+        ph = np.asarray(jax.jit(lambda f: sine_phase(f, CV3, acc_dtype=jnp.float64))(f0))
     assert ph.shape == (1, 1440, 9)
     assert np.all(ph[0, :480] == ph[0, 0]) and np.all(ph[0, 480:960] == ph[0, 480])  # CV3: per-frame staircase
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from convert.registry import convert_component
 from cosyjax.config import ModelConfig
 from cosyjax.hift.config import HiFTConfig
-from cosyjax.hift.vocoder import (HiFTInputError, TRACE_COUNTS, _wave_jit, bucket_length, device_params,
+from cosyjax.hift.vocoder import (HiFTInputError, _f0_jit, _wave_jit, bucket_length, device_params, f0_stage,
                                   hift_inference, vocode, vocode_padded)
 from cosyjax.parity.core import rel_l2
 from tests.conftest import GOLDEN, model_dir
@@ -70,18 +70,21 @@ def test_new_length_in_a_bucket_does_not_recompile_and_padding_is_exact(models, 
     mel = (rng.randn(1, 63, 80) * 2 - 5).astype(np.float32)
     key = jax.random.key(1)
     vocode(params, cfg, mel[:, :40], key=key, buckets=BUCKETS)
-    before, cache = dict(TRACE_COUNTS), _wave_jit._cache_size()
+    def compiled():
+        return _f0_jit._cache_size(), _wave_jit._cache_size()
+
+    before = compiled()
     wav, _ = vocode(params, cfg, mel[:, :50], key=key, buckets=BUCKETS)
     wav2, _ = vocode(params, cfg, mel, key=key, buckets=BUCKETS)
     if cfg.causal:
         vocode(params, cfg, mel, key=key, finalize=False, buckets=BUCKETS)  # finalize is traced, not static
-    assert dict(TRACE_COUNTS) == before and _wave_jit._cache_size() == cache
+    assert compiled() == before
     # the device-side entry point on the same padded shapes reuses the traced programs
     padded_mel = jnp.pad(jnp.asarray(mel), ((0, 0), (0, BUCKETS[0] - 63), (0, 0)))
     wav3, _ = vocode_padded(params, cfg, padded_mel, jnp.array([63]), key=key)
     assert wav3.shape == (1, BUCKETS[0] * 480) and not np.any(np.asarray(wav3)[:, 63 * 480:])
     np.testing.assert_array_equal(wav3[:, :63 * 480], wav2)
-    assert dict(TRACE_COUNTS) == before
+    assert compiled() == before
     assert wav.shape == (1, 50 * 480) and wav2.shape == (1, 63 * 480)
     # the padded (bucket 320) call equals the exact-length call, masks and reflections included
     z = _golden(version)
@@ -160,3 +163,48 @@ def test_bad_inputs_are_named(models, version):
             vocode(params, cfg, mel, finalize=False)
         with pytest.raises(HiFTInputError, match="cache_source must be"):
             vocode(params, cfg, mel, cache_source=np.zeros((1, 20 * 480 + 1), np.float32))
+
+
+def _f0_reference_cv3(f0_params, mel):
+    """Upstream CausalConvRNNF0Predictor in float64 numpy: mel [B, T, 80] -> f0 [B, T] (float32-rounded)."""
+    x = mel.astype(np.float64)
+    for i in range(5):
+        p = f0_params[f"condnet_{i}"]
+        w, b = np.asarray(p["kernel"], np.float64), np.asarray(p["bias"], np.float64)
+        k = w.shape[0]
+        x = np.pad(x, ((0, 0), (0, k - 1) if i == 0 else (k - 1, 0), (0, 0)))
+        t = x.shape[1] - k + 1
+        x = sum(np.einsum("btc,co->bto", x[:, j:j + t], w[j]) for j in range(k)) + b
+        x = np.where(x > 0, x, np.expm1(x))  # ELU
+    c = f0_params["classifier"]
+    y = x @ np.asarray(c["kernel"], np.float64) + np.asarray(c["bias"], np.float64)
+    return np.abs(y[..., 0]).astype(np.float32)
+
+
+def test_cv3_f0_island_stays_float64_inside_jit_and_vmap(models):
+    """The traced batched path (jit of vmap) runs the CV3 f0 predictor on the float64 weights that
+    `device_params` placed: f0 equals a float64 numpy reference, and differs from what the same code
+    gives with the weights rounded to float32 (what a plain x64-off `device_put` would do)."""
+    cfg, params, host = models["cosyvoice3"]
+    f0_host = host["f0_predictor"]
+    assert jax.tree_util.tree_leaves(params["f0_predictor"])[0].dtype == jnp.float64
+    assert any(np.any(np.asarray(a) != np.asarray(a).astype(np.float32)) for a in jax.tree_util.tree_leaves(f0_host))
+    mel = (np.random.RandomState(3).randn(3, 1, 40, 80) * 2 - 5).astype(np.float32)
+    lengths = np.full((3, 1), 40, np.int32)
+
+    @jax.jit
+    def traced(p, m, n):
+        f0 = jax.vmap(lambda mm, nn: f0_stage(p, cfg, mm, nn)[0])(m, n)
+        wav = jax.vmap(lambda mm, nn: vocode_padded(p, cfg, mm, nn)[0])(m, n)
+        return f0, wav
+
+    f0, wav = traced(params, mel, lengths)
+    ref = _f0_reference_cv3(f0_host, mel[:, 0])
+    np.testing.assert_array_equal(np.asarray(f0)[:, 0], ref)
+    rounded = jax.device_put(params)  # x64 off here: float64 leaves keep float64 (placed arrays)
+    rounded = {**rounded, "f0_predictor": jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32)),
+                                                                   params["f0_predictor"])}
+    f0_r, _ = traced(rounded, mel, lengths)
+    assert np.any(np.asarray(f0_r) != np.asarray(f0))  # the test can tell float32 weights apart
+    eager_wav, _ = hift_inference(params, cfg, mel[0], key=None)
+    assert rel_l2(np.asarray(wav)[0], eager_wav) < 1e-5  # batched convs round differently, f0 is identical

@@ -34,12 +34,17 @@ def time_mask(lengths, n_frames: int, per_frame: int = 1, extra: int = 0):
 
 
 class HiFTGenerator(nn.Module):
-    """HiFT vocoder. `precision`/`dtype` apply to the generator convs (f0 predictor: 'highest', `f0_dtype`)."""
+    """HiFT vocoder. `precision`/`dtype` apply to the generator convs (f0 predictor: 'highest', `f0_dtype`).
+
+    `phase_dtype`: the SineGen2 cumsum accumulation type of `__call__` (float64 only under x64); the
+    vocoder's f0 stage computes the phase itself with float64.
+    """
 
     cfg: HiFTConfig
     precision: Any = None
     dtype: Any = None
     f0_dtype: Any = jnp.float32
+    phase_dtype: Any = jnp.float32
 
     def setup(self):
         c = self.cfg
@@ -128,6 +133,6 @@ class HiFTGenerator(nn.Module):
         """Whole pipeline in one trace: mel [B, T, 80], noise [B|1, T*480, 9] -> conv_post output."""
         c = self.cfg
         f0 = self.predict_f0(mel, lengths).astype(jnp.float32)
-        s = self.source(sine_phase(f0, c, lengths), f0, noise)
+        s = self.source(sine_phase(f0, c, lengths, acc_dtype=self.phase_dtype), f0, noise)
         s_stft = stft(s, c.n_fft, c.hop_len, None if lengths is None else lengths * c.upsample_scale)
         return self.decode(mel, s_stft, lengths)

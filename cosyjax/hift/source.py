@@ -8,10 +8,11 @@ f0 [B, T] (Hz per mel frame) -> source s [B, T*U] (U = 480 samples per frame):
    the frame's value, so the result is exactly the per-frame rad and the random initial phase is
    never read (SPEC 5.3 step 4). phase = cumsum(rad) * 2 * pi * U. The cumsum is accumulated in
    float64 and rounded to float32, as torch's CPU cumsum does (acc type double); this phase reaches
-   ~1e4 rad, so its float32 rounding must match bit for bit -> call it under `x64_enabled()`.
+   ~1e4 rad, so its float32 rounding must match bit for bit. The accumulation dtype is an explicit
+   argument (`acc_dtype`): the f0 stage runs under its local `x64_enabled()` and passes float64.
 2. `SourceModuleHnNSF`: phase up-sampled to samples -- CV3 (causal) `nearest` (a per-frame
    staircase, as trained), CV2 `linear` (align_corners=False, torch's float32 index arithmetic and
-   fma blend replayed exactly) -- `sine_phase`, also under x64; sines = 0.1*sin(phase); uv = f0 > 10 Hz; noise amplitude uv*0.003 +
+   fma blend replayed exactly) -- `sine_phase`; sines = 0.1*sin(phase); uv = f0 > 10 Hz; noise amplitude uv*0.003 +
    (1-uv)*0.1/3; s = tanh(Linear(9->1)(sines*uv + amp*noise)).
 
 Noise: CV2 draws N(0,1) [B, L, 9] at every call; CV3 reads a fixed U[0,1) buffer by absolute sample
@@ -30,10 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cosyjax.errors import CosyJaxError
 from cosyjax.hift.config import HiFTConfig
 
-__all__ = ["CV3_SINE_NOISE_SEED", "SourceModuleHnNSF", "default_noise", "exact_div", "frame_phase",
-           "linear_upsample", "nearest_upsample", "sine_phase"]
+__all__ = ["AccumulationDtypeError", "CV3_SINE_NOISE_SEED", "SourceModuleHnNSF", "default_noise", "exact_div",
+           "frame_cumsum", "frame_phase", "linear_upsample", "nearest_upsample", "scale_phase", "sine_phase",
+           "upsample_phase"]
+
+
+class AccumulationDtypeError(CosyJaxError):
+    """An accumulation dtype this context cannot provide (float64 outside `x64_enabled()`)."""
+
 
 CV3_SINE_NOISE_SEED = 0
 """Seed of the CV3 default fixed noise buffer: `uniform(key(seed), (L, 9))` (partitionable threefry)."""
@@ -46,21 +54,51 @@ def exact_div(x, divisor: float):
     return x / d
 
 
-def frame_phase(f0, cfg: HiFTConfig):
-    """f0 [B, T] float32 -> unwrapped phase [B, T, H] float32 (already multiplied by U).
+def _check_acc_dtype(acc_dtype):
+    """The accumulation dtype as a numpy dtype; float64 needs the caller's local x64 context."""
+    acc = jnp.dtype(acc_dtype)
+    if acc not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise AccumulationDtypeError(f"acc_dtype must be float32 or float64, got {acc}")
+    if jax.dtypes.canonicalize_dtype(acc) != acc:  # a check only: the dtype itself is the caller's choice
+        raise AccumulationDtypeError("acc_dtype=float64 needs 64-bit types: call inside `x64_enabled()` "
+                         "(cosyjax.hift.f0_predictor)")
+    return acc
 
-    Accumulates in float64 when x64 is active (bit-faithful to upstream CPU), else in float32.
+
+def frame_cumsum(f0, cfg: HiFTConfig, *, acc_dtype, initial=None):
+    """f0 [B, T] float32 -> running sum of rad [B, T, H] in `acc_dtype` (the unscaled SineGen2 phase).
+
+    initial ([B|1, H] `acc_dtype`, optional): the sum over earlier frames (streaming carry). It is
+    prepended to the sequence rather than added afterwards, so a sequential cumsum adds in the same
+    order as one over the whole signal.
     """
+    acc = _check_acc_dtype(acc_dtype)
     f0 = f0.astype(jnp.float32)
     k = jnp.arange(1, cfg.num_harmonics + 1, dtype=jnp.float32)
-    rad = jnp.mod(exact_div(f0[..., None] * k, float(cfg.sampling_rate)), jnp.float32(1.0))
-    acc = jnp.float64 if jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.dtype(jnp.float64) else jnp.float32
-    cum = jnp.cumsum(rad.astype(acc), axis=1).astype(jnp.float32)
+    rad = jnp.mod(exact_div(f0[..., None] * k, float(cfg.sampling_rate)), jnp.float32(1.0)).astype(acc)
+    if initial is None:
+        return jnp.cumsum(rad, axis=1)
+    first = jnp.broadcast_to(jnp.asarray(initial, acc), (rad.shape[0], rad.shape[2]))[:, None]
+    return jnp.cumsum(jnp.concatenate([first, rad], axis=1), axis=1)[:, 1:]
+
+
+def scale_phase(cum, cfg: HiFTConfig):
+    """cum [B, T, H] from `frame_cumsum` -> phase [B, T, H] float32 (rounded, then * 2 * pi * U)."""
+    cum = cum.astype(jnp.float32)
     # torch: cumsum(...) * 2 * np.pi, then * upsample_scale: three rounded float32 products. XLA
     # would fold the constants into one (x * 3015.93), which changes the last bit of a ~1e4 rad phase.
     for factor in (2.0, np.pi, cfg.upsample_scale):
         cum = lax.optimization_barrier(cum * jnp.float32(factor))
     return cum
+
+
+def frame_phase(f0, cfg: HiFTConfig, *, acc_dtype, initial=None):
+    """f0 [B, T] float32 -> unwrapped phase [B, T, H] float32 (already multiplied by U).
+
+    `acc_dtype`: the cumsum's accumulation type; float64 (under `x64_enabled()`) is bit-faithful to
+    upstream on CPU, float32 is not. `initial`: see `frame_cumsum`.
+    """
+    return scale_phase(frame_cumsum(f0, cfg, acc_dtype=acc_dtype, initial=initial), cfg)
 
 
 @functools.lru_cache(maxsize=64)
@@ -102,14 +140,15 @@ def _linear_plan(in_len: int, scale: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return i0.astype(np.int32), lam0, lam1
 
 
-def linear_upsample(x, scale: int, lengths=None):
+def linear_upsample(x, scale: int, lengths=None, *, acc_dtype):
     """torch linear up-sampling along axis 1: x [B, T, C] float32 -> [B, T*scale, C] float32.
 
     `lengths` ([B] int, valid frames per example): the right neighbour is clamped at the last valid
     frame (torch clamps at its input's end), so a right-padded input gives the unpadded result.
-    The blend is aten's `fma(lambda0, x0, lambda1 * x1)`; with x64 active the fma is exact
-    (float64 sum of an exact product), else it is rounded twice (<= 1 ulp apart).
+    The blend is aten's `fma(lambda0, x0, lambda1 * x1)`; with acc_dtype=float64 (under x64) the fma
+    is exact (float64 sum of an exact product); with float32 it is rounded twice (<= 1 ulp apart).
     """
+    acc = _check_acc_dtype(acc_dtype)
     b, t, c = x.shape
     i0, lam0, lam1 = _linear_plan(t, scale)
     i0 = jnp.asarray(i0)
@@ -119,21 +158,30 @@ def linear_upsample(x, scale: int, lengths=None):
     x1 = jnp.take_along_axis(x, i1[:, :, None], axis=1)
     lam0 = jnp.asarray(lam0)[None, :, None]
     second = lax.optimization_barrier(jnp.asarray(lam1)[None, :, None] * x1)
-    if jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.dtype(jnp.float64):
-        wide = lam0.astype(jnp.float64) * x0.astype(jnp.float64) + second.astype(jnp.float64)
+    if acc == jnp.dtype(jnp.float64):
+        wide = lam0.astype(acc) * x0.astype(acc) + second.astype(acc)
         return wide.astype(jnp.float32)
     return lam0 * x0 + second
 
 
-def sine_phase(f0, cfg: HiFTConfig, lengths=None):
-    """f0 [B, T] float32 -> per-sample harmonic phase [B, T*U, H] float32 (call under x64 for exactness).
+def upsample_phase(phase, cfg: HiFTConfig, lengths=None, *, acc_dtype):
+    """Frame phase [B, T, H] float32 -> per-sample phase [B, T*U, H] float32.
 
     CV3 (causal): nearest up-sampling (staircase); CV2: linear (torch-exact, see `linear_upsample`).
     """
-    phase = frame_phase(f0, cfg)
     if cfg.causal:
         return nearest_upsample(phase, cfg.upsample_scale)
-    return linear_upsample(phase, cfg.upsample_scale, lengths)
+    return linear_upsample(phase, cfg.upsample_scale, lengths, acc_dtype=acc_dtype)
+
+
+def sine_phase(f0, cfg: HiFTConfig, lengths=None, *, acc_dtype):
+    """f0 [B, T] float32 -> per-sample harmonic phase [B, T*U, H] float32.
+
+    acc_dtype: float64 (the caller is under `x64_enabled()`) for upstream's bit-exact phase, float32
+    otherwise; it is the cumsum's accumulation type and CV2's interpolation blend type.
+    """
+    phase = frame_phase(f0, cfg, acc_dtype=acc_dtype)
+    return upsample_phase(phase, cfg, lengths, acc_dtype=acc_dtype)
 
 
 def default_noise(cfg: HiFTConfig, key, batch: int, frames: int):

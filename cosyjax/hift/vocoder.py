@@ -8,13 +8,17 @@
   (no host checks, no trimming) for pipelines that pad themselves; traceable (usable inside
   `jax.jit` / `jax.vmap`, e.g. `cosyjax.pipeline.synthesize`).
 * `device_params(params, cfg)`: put a converted tree on the device once (the CV3 f0 predictor as
-  float64), so calls do not re-transfer weights.
+  float64 arrays placed under x64: they stay float64 through the caller's jit/vmap), so calls do not
+  re-transfer weights and the float64 island is never rounded to float32.
+* `f0_stage(params, cfg, mel, lengths)`: the f0 stage alone (what `vocode_padded` runs first).
 
 Two jitted stages per call:
-1. `_stage_f0` under a local `x64_enabled()` context: f0 predictor (CV3 in float64 like upstream,
-   CV2 float32) and the SineGen2 phase (cumsum accumulated in float64, as torch's CPU cumsum does;
-   CV2's linear up-sampling blend as an exact fma) -> f0 [B, T], phase [B, T*480, 9] float32.
-2. `_stage_wave` (float32): source (sines + noise), source STFT, generator, iSTFT, clamp.
+1. `_f0_jit` under a local `x64_enabled()` context: f0 predictor (CV3 in float64 like upstream,
+   CV2 float32) and the SineGen2 phase (cumsum accumulated in `PHASE_DTYPE` = float64, as torch's
+   CPU cumsum does; CV2's linear up-sampling blend as an exact fma) -> f0 [B, T], phase [B, T*480, 9] f32.
+2. `_wave_jit` (float32): source (sines + noise), source STFT, generator, iSTFT, clamp.
+Compilations are counted with the jitted functions' `_cache_size()` (no module state).
+`cosyjax.hift.incremental.IncrementalVocoderCV3` runs the same two programs on streaming windows.
 
 Randomness is explicit: `noise` (CV2: N(0,1) [B, >=T*480, 9]; CV3: the fixed U[0,1) buffer
 [1|B, >=T*480, 9], read from sample 0) or a `key` (`source.default_noise`; CV2 default key is
@@ -28,28 +32,28 @@ later layer is causal (upstream's own check differs by float noise only).
 from __future__ import annotations
 from cosyjax.errors import CosyJaxError
 
-import collections
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from cosyjax.hift.config import HiFTConfig
 from cosyjax.hift.f0_predictor import x64_enabled
 from cosyjax.hift.generator import HiFTGenerator, time_mask
-from cosyjax.hift.source import default_noise, sine_phase
+from cosyjax.hift.source import default_noise, frame_cumsum, scale_phase, sine_phase, upsample_phase
 from cosyjax.hift.stft import istft, stft
 
-__all__ = ["DEFAULT_BUCKETS", "HiFTInputError", "TRACE_COUNTS", "bucket_length", "device_params",
-           "hift_inference", "vocode", "vocode_padded"]
+__all__ = ["DEFAULT_BUCKETS", "PHASE_DTYPE", "HiFTInputError", "bucket_length", "device_params", "f0_dtype",
+           "f0_stage", "hift_inference", "vocode", "vocode_padded"]
 
 DEFAULT_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 """Mel lengths compiled by `vocode`; longer inputs round up to a multiple of the last bucket."""
 
-TRACE_COUNTS: collections.Counter = collections.Counter()
-"""How often each jitted stage was traced (compiled) in this process; for tests and logging."""
+PHASE_DTYPE = jnp.float64
+"""SineGen2 cumsum accumulation type of the f0 stage (torch's CPU cumsum accumulates in double)."""
 
 
 class HiFTInputError(CosyJaxError):
@@ -72,13 +76,24 @@ def _split(params) -> tuple[Any, dict]:
     return params["f0_predictor"], {k: v for k, v in params.items() if k != "f0_predictor"}
 
 
+def f0_dtype(cfg: HiFTConfig):
+    """The f0 predictor's compute dtype: float64 for CosyVoice3 (upstream `.to(torch.float64)`), else float32."""
+    return np.dtype(np.float64) if cfg.causal else np.dtype(np.float32)
+
+
 def device_params(params, cfg: HiFTConfig):
-    """Params on the default device: generator float32; the CV3 f0 predictor float64 (placed under x64)."""
+    """Params on the default device, placed once: generator float32; the f0 predictor in `f0_dtype(cfg)`.
+
+    The CosyVoice3 f0 weights are placed as float64 arrays under the local x64 context. A placed
+    float64 array keeps its dtype as an argument of `jax.jit` even with x64 off, so the tree can be
+    passed through the caller's own jit/vmap (e.g. `pipeline.synthesize`) to `vocode_padded`, whose f0
+    stage then computes with the float64 weights. Do not `jax.device_put` the result again outside
+    x64 (that would round the f0 weights to float32); already placed trees are accepted here.
+    """
     f0, rest = _split(params)
     rest = jax.device_put(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), rest))
-    f0_dtype = np.float64 if cfg.causal else np.float32
     with x64_enabled():
-        f0 = jax.device_put(jax.tree_util.tree_map(lambda a: np.asarray(a, f0_dtype), f0))
+        f0 = jax.device_put(jax.tree_util.tree_map(lambda a: np.asarray(a, f0_dtype(cfg)), f0))
     return {"f0_predictor": f0, **rest}
 
 
@@ -87,20 +102,43 @@ def _stage_f0(f0_params, mel, lengths, f0=None, *, cfg: HiFTConfig):
     return _f0_jit(f0_params, mel, lengths, f0, cfg=cfg)
 
 
+def _predict_f0(f0_params, mel, lengths, cfg: HiFTConfig):
+    """(f0 params, mel [B, T, 80], lengths [B]) -> f0 [B, T] float32; traced under x64.
+
+    The weights are used in their placed dtype when it is already `f0_dtype(cfg)` (no rounding);
+    float32 CV3 weights (placed without `device_params`) are widened, i.e. already rounded."""
+    dtype = f0_dtype(cfg)
+    mel = jnp.where(time_mask(lengths, mel.shape[1]), mel, 0.0).astype(dtype)
+    f0_params = jax.tree_util.tree_map(lambda a: a if a.dtype == dtype else a.astype(dtype), f0_params)
+    f0 = HiFTGenerator(cfg, f0_dtype=dtype).apply({"params": {"f0_predictor": f0_params}}, mel, lengths,
+                                                  method="predict_f0")
+    return f0.astype(jnp.float32)  # upstream: f0_predictor(...).to(speech_feat)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _f0_jit(f0_params, mel, lengths, f0, *, cfg: HiFTConfig):
     """(f0 params, mel [B, T, 80], lengths [B], f0 or None) -> f0 [B, T] f32, phase [B, T*480, 9] f32.
 
     Call under x64. A given `f0` (parity: upstream's recorded f0) skips the predictor."""
-    TRACE_COUNTS["f0"] += 1
-    if f0 is None:
-        dtype = jnp.float64 if cfg.causal else jnp.float32
-        mel = jnp.where(time_mask(lengths, mel.shape[1]), mel, 0.0).astype(dtype)
-        f0_params = jax.tree_util.tree_map(lambda a: a.astype(dtype), f0_params)
-        f0 = HiFTGenerator(cfg, f0_dtype=dtype).apply({"params": {"f0_predictor": f0_params}}, mel, lengths,
-                                                      method="predict_f0")
-    f0 = f0.astype(jnp.float32)  # upstream: f0_predictor(...).to(speech_feat)
-    return f0, sine_phase(f0, cfg, lengths)
+    f0 = _predict_f0(f0_params, mel, lengths, cfg) if f0 is None else f0.astype(jnp.float32)
+    return f0, sine_phase(f0, cfg, lengths, acc_dtype=PHASE_DTYPE)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "context"))
+def _f0_window_jit(f0_params, mel, lengths, shift, carry, advance, *, cfg: HiFTConfig, context: int):
+    """The f0 stage of one streaming window (CV3, B = 1); call under x64.
+
+    mel [1, W + context, 80]: the window's frames preceded by `shift` (<= context) frames of f0 left
+    context; lengths [1] valid frames of that input; carry [1, 9] float64 = running rad sum before the
+    window; advance: frames after which the next window starts.
+    -> f0 [1, W] f32, phase [1, W*480, 9] f32, next carry [1, 9] float64 (the sum before frame `advance`).
+    """
+    w = mel.shape[1] - context
+    f0 = lax.dynamic_slice_in_dim(_predict_f0(f0_params, mel, lengths, cfg), shift, w, axis=1)
+    cum = frame_cumsum(f0, cfg, acc_dtype=PHASE_DTYPE, initial=carry)
+    phase = upsample_phase(scale_phase(cum, cfg), cfg, acc_dtype=PHASE_DTYPE)
+    last = lax.dynamic_index_in_dim(cum, jnp.maximum(advance - 1, 0), axis=1, keepdims=False)
+    return f0, phase, jnp.where(advance > 0, last, carry.astype(PHASE_DTYPE))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "precision", "dtype", "intermediates"))
@@ -110,7 +148,6 @@ def _wave_jit(params, mel, lengths, f0, phase, noise, key, cache_source, trims, 
 
     trims: int32 [2] = mel frames not output at the end of (wav, source); (0, 0) when finalizing.
     """
-    TRACE_COUNTS["wave"] += 1
     b, t, _ = mel.shape
     u = cfg.upsample_scale
     n_samples = t * u
@@ -152,6 +189,20 @@ def _stage_wave(params, mel, lengths, f0, phase, noise, key, cache_source, trims
                      precision=precision, dtype=dtype, intermediates=intermediates)
 
 
+def f0_stage(params, cfg: HiFTConfig, mel, lengths):
+    """The f0 stage alone, as `vocode_padded` runs it: (mel [B, T, 80], lengths [B]) -> (f0 [B, T] f32,
+    phase [B, T*480, 9] f32).
+
+    One jitted program (`_f0_jit`) entered under the local x64 context; with `device_params` params the
+    CosyVoice3 predictor computes with its float64 weights, also when traced inside the caller's
+    `jax.jit` / `jax.vmap` (placed float64 arrays keep their dtype there). params: the whole HiFT tree
+    or its 'f0_predictor' subtree.
+    """
+    f0_params = params["f0_predictor"] if isinstance(params, dict) and "f0_predictor" in params else params
+    with x64_enabled():
+        return _stage_f0(f0_params, mel, jnp.asarray(lengths, jnp.int32), cfg=cfg)
+
+
 def vocode_padded(params, cfg: HiFTConfig, mel, lengths, *, finalize: bool = True, key=None, noise=None,
                   cache_source=None, precision=None, dtype=None):
     """Both stages on an already padded batch, no host-side checks or trimming (device arrays in and out).
@@ -168,10 +219,9 @@ def vocode_padded(params, cfg: HiFTConfig, mel, lengths, *, finalize: bool = Tru
     """
     if noise is None and key is None and not cfg.causal:
         key = jax.random.key(0)
-    f0_params, rest = _split(params)
+    _, rest = _split(params)
     lengths = jnp.asarray(lengths, jnp.int32)
-    with x64_enabled():
-        f0, phase = _stage_f0(f0_params, mel, lengths, cfg=cfg)
+    f0, phase = f0_stage(params, cfg, mel, lengths)
     wav, source, _ = _stage_wave(rest, mel, lengths, f0, phase, noise, None if noise is not None else key,
                                  cache_source, _trims(cfg, finalize), cfg=cfg, precision=precision, dtype=dtype)
     return wav, source
@@ -271,7 +321,8 @@ def _run(params, cfg: HiFTConfig, mel, *, bucket: int | None, finalize, key, noi
             raise HiFTInputError(f"f0 must be [{b}, {t}] (Hz per mel frame), got {tuple(f0.shape)}")
         f0 = _pad_time(f0, 1, tb)
     f0_params, rest = _split(params)
-    mel_p = _pad_time(mel, 1, tb)
+    # device arrays, as `vocode_padded` callers pass them: jit caches numpy and jax arguments separately
+    mel_p, lengths_np = jnp.asarray(_pad_time(mel, 1, tb)), jnp.asarray(lengths_np)
     with x64_enabled():
         f0, phase = _stage_f0(f0_params, mel_p, lengths_np, f0, cfg=cfg)
     wav, source, extras = _stage_wave(rest, mel_p, lengths_np, f0, phase, noise, key, cache_source,
