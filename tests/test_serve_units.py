@@ -12,7 +12,7 @@ import soundfile as sf
 
 from cosyjax.errors import CosyJaxError
 from cosyjax.prompt import Prompt
-from cosyjax.serve.audio import decode_upload, encodable_formats, encode, pcm16, wav_stream_header
+from cosyjax.serve.audio import decode_upload, encodable_formats, encode, float32_le, pcm16, wav_stream_header
 from cosyjax.serve.batcher import BatchConfig, Scheduler, batch_bucket
 from cosyjax.serve.errors import ServeError
 from cosyjax.serve.speech_request import Limits, parse_speech_request
@@ -72,7 +72,8 @@ def test_encoders_round_trip():
     x = (0.5 * np.sin(np.arange(2400) / 10.0)).astype(np.float32)
     assert "wav" in encodable_formats() and "pcm" in encodable_formats()
     y, sr = sf.read(io.BytesIO(encode(x, rate, "wav")), dtype="float32")
-    assert sr == rate and np.max(np.abs(y - x)) < 1e-4
+    assert sr == rate
+    np.testing.assert_array_equal(y, x)  # float WAV: lossless
     p = np.frombuffer(encode(x, rate, "pcm"), "<i2")
     np.testing.assert_array_equal(p, np.frombuffer(pcm16(x), "<i2"))
     assert np.max(np.abs(p / 32767.0 - x)) < 1e-4
@@ -81,8 +82,9 @@ def test_encoders_round_trip():
             y, sr = sf.read(io.BytesIO(encode(x, rate, fmt)), dtype="float32")
             assert sr == rate and np.max(np.abs(y - x)) < 1e-4
     head = wav_stream_header(rate)
-    y, sr = sf.read(io.BytesIO(head + pcm16(x)), dtype="float32")  # open-ended sizes still decode
-    assert sr == rate and y.shape == x.shape
+    y, sr = sf.read(io.BytesIO(head + float32_le(x)), dtype="float32")  # open-ended sizes still decode
+    assert sr == rate
+    np.testing.assert_array_equal(y, x)
     with pytest.raises(ServeError, match="not a readable audio file"):
         decode_upload(b"this is not audio at all", "notes.txt")
 

@@ -36,7 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cosyjax.errors import CosyJaxError
 from cosyjax.prompt import Prompt, PromptError
-from cosyjax.serve.audio import MEDIA_TYPES, decode_upload, encodable_formats, encode, pcm16, wav_stream_header
+from cosyjax.serve.audio import (MEDIA_TYPES, decode_upload, encodable_formats, encode, float32_le, pcm16,
+                                 wav_stream_header)
 from cosyjax.serve.batcher import BatchConfig, Scheduler
 from cosyjax.serve.errors import ServeError
 from cosyjax.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -65,6 +66,8 @@ class ServeConfig:
     max_input_chars: int = 4096
     max_upload_bytes: int = 10 * 2 ** 20
     text_frontend: bool = True
+    stream_slots: int = 8                     # LLM slots shared by concurrent streams (0: each stream alone)
+    stream_capacity: int = 1024               # KV entries per slot (prompt + generated tokens)
 
 
 def _has_eop(text: str) -> bool:
@@ -88,9 +91,16 @@ class SpeechService:
             builtin[name] = load_prompt_file(name, path, builtin=True)
         self.voices = VoiceStore(config.voices_dir, builtin)
         engine = tts.engine
+        self.slot_streams = None
+        if config.stream_slots > 0:
+            from cosyjax.serve.slot_streams import SlotStreams
+
+            self.slot_streams = SlotStreams(engine, config.stream_slots, config.stream_capacity)
+        open_stream = self.slot_streams.open if self.slot_streams is not None else \
+            (lambda mi, key: engine.tts(mi, stream=True, key=key))
         self.scheduler = Scheduler(
             run_batch=lambda inputs, keys, speed: engine.synthesize_batch(inputs, keys, speed=speed),
-            open_stream=lambda mi, key: engine.tts(mi, stream=True, key=key),
+            open_stream=open_stream,
             config=BatchConfig(max_batch=config.max_batch, window_s=config.batch_window_ms / 1000.0),
             on_batch=metrics.on_batch)
 
@@ -366,7 +376,7 @@ def _stream_response(svc: SpeechService, metrics: ServerMetrics, req: SpeechRequ
                         metrics.ttfa.labels("stream").observe(time.perf_counter() - t0)
                         first = False
                     samples += value.size
-                    b = pcm16(value)
+                    b = float32_le(value) if req.response_format == "wav" else pcm16(value)
                     yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(b).decode()}) if sse else b
                 elif kind == "done":
                     finished = True

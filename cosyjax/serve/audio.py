@@ -2,7 +2,8 @@
 
 `pcm` is OpenAI's raw format: 16-bit little-endian mono at the model rate (24 kHz), no header. The
 compressed formats are whatever the installed libsndfile writes (`encodable_formats()` says which).
-Streaming responses send `pcm` chunks, or `wav` = one header with open-ended sizes + PCM chunks.
+`wav` is 32-bit float WAV (lossless: the model's samples exactly; every WAV reader takes it). Streaming
+responses send `pcm` chunks, or `wav` = one header with open-ended sizes + float32 chunks.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import numpy as np
 
 from cosyjax.serve.errors import ServeError
 
-__all__ = ["encode", "pcm16", "wav_stream_header", "encodable_formats", "STREAM_FORMATS", "MEDIA_TYPES",
+__all__ = ["encode", "pcm16", "float32_le", "wav_stream_header", "encodable_formats", "STREAM_FORMATS", "MEDIA_TYPES",
            "decode_upload"]
 
 # response_format -> (soundfile format, subtype)
-_SOUNDFILE = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"),
+_SOUNDFILE = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"),
               "opus": ("OGG", "OPUS")}
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
                "opus": "audio/ogg"}
@@ -44,11 +45,16 @@ def pcm16(audio: np.ndarray) -> bytes:
     return (np.round(x * 32767.0)).astype("<i2").tobytes()
 
 
+def float32_le(audio: np.ndarray) -> bytes:
+    """float32 [N] -> little-endian float32 bytes (the sample data of a streamed `wav`)."""
+    return np.asarray(audio, np.float32).reshape(-1).astype("<f4").tobytes()
+
+
 def wav_stream_header(sample_rate: int) -> bytes:
-    """A 44-byte PCM16 mono WAV header whose RIFF/data sizes say 'unknown' (0xFFFFFFFF), for streaming."""
+    """A 44-byte float32 mono WAV header whose RIFF/data sizes say 'unknown' (0xFFFFFFFF), for streaming."""
     unknown = 0xFFFFFFFF
     return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " +
-            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
+            struct.pack("<IHHIIHH", 16, 3, 1, sample_rate, sample_rate * 4, 4, 32) +
             b"data" + struct.pack("<I", unknown))
 
 

@@ -38,6 +38,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--batch-window-ms", type=float, default=20.0, help="how long a request waits for company")
     s.add_argument("--max-input-chars", type=int, default=4096)
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="upload size limit")
+    s.add_argument("--stream-slots", type=int, default=8,
+                   help="LLM slots shared by concurrent streams (one batched decode program; 0: off)")
+    s.add_argument("--stream-capacity", type=int, default=1024, help="KV entries per stream slot")
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     s.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "pallas"))
     s.add_argument("--sampling", default="ras", choices=("ras", "greedy"))
@@ -90,7 +93,8 @@ def config_from_args(args, model_dir: str):
     return ServeConfig(model_name=name, voices_dir=args.voices_dir or os.path.join(cache_root(), "voices", name),
                        voices=tuple(voices), api_key=args.api_key or None, max_batch=args.max_batch,
                        batch_window_ms=args.batch_window_ms, max_input_chars=args.max_input_chars,
-                       max_upload_bytes=int(args.max_upload_mb * 2 ** 20), text_frontend=not args.no_text_frontend)
+                       max_upload_bytes=int(args.max_upload_mb * 2 ** 20), text_frontend=not args.no_text_frontend,
+                       stream_slots=args.stream_slots, stream_capacity=args.stream_capacity)
 
 
 def load_tts(model_dir: str, args):

@@ -1,0 +1,74 @@
+"""Concurrent streams share the LLM: one slot-batched decode program for all active streams.
+
+`SlotStreams(engine, num_slots, capacity).open(model_input, key)` yields the same audio chunks as
+`engine.tts(model_input, stream=True, key=key)`, but the request's speech tokens come from a slot of a
+shared `cosyjax.llm.slots` pool: when any stream needs tokens, ONE jitted call advances every active
+slot by `hop` steps and the tokens of the others are buffered for them. Flow and vocoder chunks run
+per stream (their cached state is per request). A stream's slot is released when it ends or is
+closed (client gone). With all slots taken, a further stream decodes with its own LLM loop (the
+engine's path), so no stream waits for a slot.
+
+Everything here runs on the scheduler's one device thread (no locking).
+"""
+from __future__ import annotations
+
+import collections
+from typing import Iterator
+
+import jax
+import numpy as np
+
+__all__ = ["SlotStreams"]
+
+
+class SlotStreams:
+    def __init__(self, engine, num_slots: int = 8, capacity: int = 1024, hop: int = 16):
+        from cosyjax.llm import slots
+
+        self.engine, self.hop, self._slots = engine, int(hop), slots
+        self.state = slots.init_slots(engine.config.llm, int(num_slots), int(capacity),
+                                      sampling=engine.config.sampling)
+        self._buffers: dict[int, collections.deque] = {}
+        self.steps = 0          # batched decode calls made (for tests / metrics)
+        self.solo_streams = 0   # streams that found no free slot
+
+    def _step(self) -> None:
+        self.state, new = self._slots.step(self.engine.params["llm"], self.engine.config.llm, self.state, self.hop)
+        self.steps += 1
+        for slot, buf in self._buffers.items():
+            if new[slot].size:
+                buf.append(new[slot])
+
+    def _tokens(self, slot: int) -> Iterator[np.ndarray]:
+        buf = self._buffers[slot]
+        while True:
+            if buf:
+                yield buf.popleft()
+            elif bool(self._slots.finished(self.state)[slot]):
+                return
+            else:
+                self._step()
+
+    def open(self, mi, key) -> Iterator[np.ndarray]:
+        """Audio chunks float32 [1, n] of one streaming request (same as the engine's own stream)."""
+        free = self._slots.free_slots(self.state)
+        if not free:
+            self.solo_streams += 1
+            yield from self.engine.tts(mi, stream=True, key=key)
+            return
+        slot = free[0]
+        k_llm, _ = jax.random.split(key)  # the engine splits `key` the same way for its own LLM stream
+        self.state = self._slots.insert(self.engine.params["llm"], self.engine.config.llm, self.state, slot,
+                                        **self.engine.llm_inputs(mi), key=k_llm)
+        self._buffers[slot] = collections.deque()
+        try:
+            yield from self.engine.tts(mi, stream=True, key=key, tokens=self._tokens(slot))
+        finally:
+            del self._buffers[slot]
+            self.state = self._slots.release(self.state, slot)
+
+    def active(self) -> int:
+        return len(self._buffers)
+
+    def free_count(self) -> int:
+        return len(self._slots.free_slots(self.state))
