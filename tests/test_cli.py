@@ -47,15 +47,17 @@ def test_synth_writes_wav_and_caches_checkpoint(demo, capsys):
     assert os.listdir(os.path.join(demo["cache"], "params")) == cached
 
 
-def test_synth_text_file_stdin_and_speed(demo, monkeypatch):
+def test_synth_text_file_and_speed(demo):
+    """--text-file reads the text; --speed 2 (greedy: the same tokens) halves the mel frames of the same request."""
     tf = demo["root"] / "t.txt"
     tf.write_text("Hi.\n", encoding="utf-8")
-    out = str(demo["root"] / "c.wav")
-    assert _synth(demo, "--text-file", str(tf), "--out", out, "--speed", "2.0") == 0
-    slow = sf.read(str(demo["root"] / "a.wav"))[0] if os.path.exists(demo["root"] / "a.wav") else None
-    fast = sf.read(out)[0]
-    if slow is not None:  # greedy tokens are identical; speed 2 halves the mel frames
-        assert fast.size == (slow.size // 480 // 2) * 480
+    normal, fast = str(demo["root"] / "speed1.wav"), str(demo["root"] / "speed2.wav")
+    assert _synth(demo, "--text-file", str(tf), "--out", normal, "--seed", "3") == 0
+    assert _synth(demo, "--text", "Hi.", "--out", fast, "--seed", "3", "--speed", "2.0") == 0
+    slow, quick = sf.read(normal)[0], sf.read(fast)[0]
+    assert slow.size > 2 * 480 and slow.size % 480 == 0
+    assert quick.size == (slow.size // 480 // 2) * 480
+    assert np.all(np.isfinite(quick)) and np.max(np.abs(quick)) > 0
 
 
 @pytest.mark.parametrize("args, msg", [
