@@ -36,13 +36,16 @@ def check(ctx: FixtureContext) -> list[Result]:
         rows.append(compare(v, COMPONENT, "encoder/token_embedding", e, z["token_embedding"], TOL))
         if "nonstream__mu" in z:
             rows.append(compare(v, COMPONENT, "encoder/nonstream__mu", mu, z["nonstream__mu"], TOL))
+        h = module.apply(variables, e, method=lambda m, x: m.pre_lookahead_layer(x))
         if "nonstream__pre_lookahead_out" in z:
-            h = module.apply(variables, e, method=lambda m, x: m.pre_lookahead_layer(x))
             rows.append(compare(v, COMPONENT, "encoder/nonstream__pre_lookahead_out", h,
                                 z["nonstream__pre_lookahead_out"], TOL))
+        # finalize=False: same call, the last L tokens only serve as right context
+        keep = int(z["token_len"][0]) - L
+        if "stream_context__pre_lookahead_out" in z:
+            rows.append(compare(v, COMPONENT, "encoder/stream_context__pre_lookahead_out", h[:, :keep],
+                                z["stream_context__pre_lookahead_out"], TOL))
         if "stream_context__mu" in z:
-            # finalize=False: same call, the last L tokens only serve as right context
-            keep = int(z["token_len"][0]) - L
             rows.append(compare(v, COMPONENT, "encoder/stream_context__mu", mu[:, :keep * r],
                                 z["stream_context__mu"], TOL))
         rows += check_speaker(ctx, module, variables, z)

@@ -13,6 +13,10 @@ import numpy as np
 from cosyjax.parity.core import compare, exact
 
 COMPONENT = "llm"
+UNUSED = {"decode.npz": {
+    "embedding_unused": "speaker embedding upstream's Qwen2LM / CosyVoice3LM inference ignores",
+    "greedy_top1_minus_top2": "diagnostic margin (derived from the compared top-32 log-probs)",
+}}
 TOL_BACKBONE = 1e-5
 TOL_LOGP = 1e-4
 
