@@ -2,6 +2,8 @@
 
     python bench/bench_llm.py                                # 128-position prefill, 250 tokens, B 1 and 16, f32 + bf16
     python bench/bench_llm.py --tokens 32 --batches 1 --dtypes float32 --reps 2   # a quick CPU run
+    python bench/bench_llm.py --model-dir tests/golden/cosyvoice2/modeldir --prompt 32 --tokens 64 \
+        --batches 1 --dtypes float32             # the tiny golden model (same architecture, small sizes)
 
 * prefill: the jitted prefill program (embed 128 prompt positions, fill the KV cache, first log-probs).
 * decode: `generate(...)` end to end (host prep, prefill, the whole jitted decode loop with RAS
@@ -66,8 +68,8 @@ def _inputs(cfg, batch, prompt_positions, rng):
     return text, speech
 
 
-def bench(version, dtypes, batches, tokens, prompt_positions, reps, seed=0):
-    mc = ModelConfig.from_dir(os.path.join(HERE, "tests", "fullsize", version))
+def bench(version, dtypes, batches, tokens, prompt_positions, reps, seed=0, model_dir=None):
+    mc = ModelConfig.from_dir(model_dir or os.path.join(HERE, "tests", "fullsize", version))
     base = LLMConfig.from_model_config(mc, min_len_mask="stop_set")
     t0 = time.perf_counter()
     params32 = random_params(base, seed)
@@ -115,15 +117,17 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=250)
     ap.add_argument("--prompt", type=int, default=128, help="prompt positions (prefill length)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--model-dir", default=None,
+                    help="model folder (yaml + CosyVoice-BlankEN/config.json); default tests/fullsize/<version>")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     name = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
     if dev.platform == "cpu":
         name += f" ({os.cpu_count()} cores)"
-    print(f"device {name}, jax {jax.__version__}, {args.version}, prompt {args.prompt} positions, "
+    print(f"device {name}, jax {jax.__version__}, {args.model_dir or args.version}, prompt {args.prompt} positions, "
           f"{args.tokens} decode steps, RAS sampling, median of {args.reps}")
     rows = bench(args.version, [d for d in args.dtypes.split(",") if d], [int(b) for b in args.batches.split(",")],
-                 args.tokens, args.prompt, args.reps)
+                 args.tokens, args.prompt, args.reps, model_dir=args.model_dir)
     print()
     print(f"| device | dtype | batch | prefill {args.prompt} (ms) | generate {args.tokens} tok (s) | "
           "decode ms/token | tokens/s (all rows) |")

@@ -126,6 +126,14 @@ def test_generate_is_one_while_loop_and_buckets_do_not_recompile():
     assert G._generate_program._cache_size() == size
 
 
+def test_one_decode_loop_in_the_package():
+    """generate, streaming, bistream and the server slots share one `while_loop` (cosyjax/llm/decode.py)."""
+    pkg = os.path.dirname(G.__file__)
+    hits = [(f, line) for f in sorted(os.listdir(pkg)) if f.endswith(".py")
+            for line in open(os.path.join(pkg, f)).read().splitlines() if "while_loop" in line]
+    assert len(hits) == 1 and hits[0][0] == "decode.py", hits
+
+
 def test_min_len_masking_modes():
     """Upstream masks only id 6561 before min_len; another stop id (6562) still ends decoding.
     'stop_set' masks every stop id. (cosyvoice2 head bias steered to make a stop id the argmax.)"""
@@ -215,3 +223,33 @@ def test_forced_tokens_replay_golden_and_generate_traced_under_vmap():
     want, want_n = G.generate(params, cfg, inp["text"], **kw, max_len=30)
     np.testing.assert_array_equal(out[:, 0], jnp.concatenate([want, want]))
     np.testing.assert_array_equal(lengths[:, 0], jnp.concatenate([want_n, want_n]))
+
+
+def test_fused_qkv_and_bf16_kv_cache():
+    """`fuse_qkv` gives `abstract_params(fused cfg)`'s tree and the same logits / greedy tokens; a bf16 KV
+    cache (f32 compute) stays close to f32."""
+    from cosyjax.llm.speech_lm import abstract_params, fuse_qkv, new_cache
+
+    params, cfg = _model("cosyvoice2")
+    fcfg = cfg.replace(fused_qkv=True)
+    fused = fuse_qkv(params)
+    shapes = lambda t: jax.tree_util.tree_map(lambda a: tuple(a.shape), t)  # noqa: E731
+    assert shapes(fused) == shapes(abstract_params(fcfg))
+    z = np.load(os.path.join(GOLDEN, "cosyvoice2", "llm", "backbone.npz"))
+    xs = jnp.asarray(z["xs"])
+    _, ref = backbone_forward(params, cfg, xs)
+    _, got = backbone_forward(fused, fcfg, xs)
+    assert float(jnp.max(jnp.abs(got - ref))) < 1e-5
+    zd = _decode_inputs("cosyvoice2")
+    kw = dict(prompt_text=zd["prompt_text"], prompt_speech_token=zd["prompt_speech_token"], sampling="greedy",
+              max_len=24)
+    want, n = G.generate(params, cfg, zd["text"], **kw)
+    got_t, n2 = G.generate(fused, fcfg, zd["text"], **kw)
+    np.testing.assert_array_equal(np.asarray(got_t)[0, : int(n[0])], np.asarray(want)[0, : int(n[0])])
+    bcfg = cfg.replace(kv_cache_dtype="bfloat16")
+    assert new_cache(bcfg, 1, 8).k[0].dtype == jnp.bfloat16
+    same = np.asarray(want)[0, :8]  # both runs feed the same tokens, so the log-probs are comparable
+    g32 = G.generate_detailed(params, cfg, zd["text"], **kw, record_full_steps=8, forced_tokens=same)
+    g16 = G.generate_detailed(params, bcfg, zd["text"], **kw, record_full_steps=8, forced_tokens=same)
+    rel = float(jnp.linalg.norm(g16.logp_full - g32.logp_full) / jnp.linalg.norm(g32.logp_full))
+    assert rel < 1e-2, rel

@@ -127,3 +127,33 @@ def test_inverse_cdf_never_picks_zero_weight():
 def test_unknown_method():
     with pytest.raises(ValueError, match="sampling method"):
         smp.sample(CFG, "top_k", jnp.zeros((1, V)), jnp.zeros((1, 10), jnp.int32), jnp.zeros((1, 2)))
+    with pytest.raises(ValueError, match="temperature"):
+        smp.TopKTopP(temperature=0.0)
+
+
+def test_sampler_objects():
+    """'ras' maps to RAS.from_config (the yaml values); objects are hashable (static jit args); RAS with
+    other parameters follows the reference with those parameters; TopKTopP is a tempered nucleus draw."""
+    ras = smp.resolve(CFG, "ras")
+    assert ras == smp.RAS(CFG.top_p, CFG.top_k, CFG.win_size, CFG.tau_r) and hash(ras) == hash(smp.RAS())
+    assert isinstance(smp.resolve(CFG, "greedy"), smp.Greedy)
+    rng = np.random.default_rng(5)
+    logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(4, V)) * 2.0, jnp.float32))
+    hist = jnp.asarray(np.argsort(-np.asarray(logp), axis=1)[:, :5].repeat(2, axis=1).astype(np.int32))
+    u = jnp.asarray(rng.uniform(size=(4, 2)), jnp.float32)
+    odd = smp.RAS(top_p=0.5, top_k=7, win_size=6, tau_r=0.5)
+    tok, fb, n = jax.jit(lambda a, b, c: odd.sample(a, b, c))(logp, hist[:, -6:], u)
+    for b in range(4):
+        want = ref_ras(np.asarray(logp[b]), np.asarray(hist[b]), np.asarray(u[b]), top_p=0.5, top_k=7, win=6,
+                       tau_r=0.5)
+        assert (int(tok[b]), bool(fb[b]), int(n[b])) == want
+    g, _, _ = smp.Greedy().sample(logp, hist, u)
+    np.testing.assert_array_equal(g, jnp.argmax(logp, axis=-1))
+    t1, _, n1 = smp.TopKTopP(top_k=1, top_p=1.0, temperature=0.5).sample(logp, hist, u)
+    np.testing.assert_array_equal(t1, g)
+    assert np.all(np.asarray(n1) == 1)
+    # temperature 2: the nucleus draw of softmax(logp / 2) equals the RAS nucleus of those scaled log-probs
+    tt, _, nt = smp.TopKTopP(top_k=9, top_p=0.7, temperature=2.0).sample(logp, hist, u)
+    top, n_keep = smp.nucleus(smp.TopKTopP(top_k=9, top_p=0.7), jax.nn.softmax(logp / 2.0, axis=-1), u[:, 0])
+    np.testing.assert_array_equal(tt, top)
+    np.testing.assert_array_equal(nt, n_keep)

@@ -9,7 +9,8 @@ for tok in generate_bistream(params, cfg, text_chunks, prompt_text, prompt_speec
 of each arriving string); like upstream, the ids are processed one at a time. Python orchestrates
 the mixing schedule on the host; pending inputs are fed by one jitted call (bucketed widths), and
 each decode segment (sample and feed back tokens until a fill/stop token, the fill budget or 16
-tokens) is one jitted `lax.while_loop`; the static KV cache of `cache_len` slots stays on device.
+sampling calls) is one call of the shared decode loop (`cosyjax.llm.decode.loop_program`) on a
+donated `DecodeState`; the static KV cache of `cache_len` slots stays on device.
 
 Schedule (mix_ratio 5:15 from the yaml): the prompt speech tokens are interleaved as
 `[5 text, 15 prompt speech]` groups as text arrives; afterwards every 5 text tokens let the model
@@ -38,14 +39,14 @@ import numpy as np
 
 from cosyjax.llm import sampling as smp
 from cosyjax.llm.config import CV3, LLMConfig
-from cosyjax.llm.generate import _apply, _check_params, _row_keys
-from cosyjax.llm.speech_lm import (
-    KIND_SPECIAL, KIND_SPEECH, KIND_TEXT, LLMInputError, SpeechLM, new_cache, prompt_rows,
-)
+from cosyjax.llm.decode import DecodeState, feed, init_state, loop_program
+from cosyjax.llm.generate import _check_params, _row_keys, resolve_sampling
+from cosyjax.llm.speech_lm import KIND_SPECIAL, KIND_SPEECH, KIND_TEXT, LLMInputError, prompt_rows
 
 __all__ = ["LLMDecodeError", "generate_bistream"]
 
-_STEPS = 16  # tokens per jitted segment (>= mix_ratio[1] + 1: one segment covers a fill period)
+_STEPS = 16  # sampling calls per jitted loop call (>= mix_ratio[1] + 1: one call covers a fill period)
+_NEVER = 1 << 30  # min_len of the text phase: stop ids stay suppressed (ignore_eos=True)
 
 
 class LLMDecodeError(CosyJaxError):
@@ -58,87 +59,50 @@ def _chunk_bucket(n: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1,))
-def _feed(params, cache, ids, kind, n_in, logp_in, *, cfg):
-    """Feed the first `n_in` of the right-padded inputs ids/kind `[1, T]` -> (cache, logp `[1, V]` after
-    the last one; `logp_in` when n_in = 0)."""
-    x = _apply(cfg, params, SpeechLM.embed_prompt, ids, kind)
-    h, cache = _apply(cfg, params, SpeechLM.forward, x, cache, n_in)
-    last = jax.lax.dynamic_index_in_dim(h, jnp.maximum(n_in - 1, 0), axis=1, keepdims=False)
-    return cache, jnp.where(n_in > 0, _apply(cfg, params, SpeechLM.logp, last), logp_in)
+def _feed(params, state: DecodeState, ids, kind, n_in, *, cfg):
+    """Feed the first `n_in` of the right-padded inputs ids/kind `[1, T]` -> state (cache advanced,
+    logp after the last one)."""
+    return feed(params, cfg, state, ids, kind, jnp.reshape(n_in, (1,)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_steps"), donate_argnums=(1,))
-def _decode(params, cache, logp, history, n_out0, budget, final, draws, *, cfg, method, max_steps):
-    """Sample and feed back up to `max_steps` tokens, starting from `logp` `[1, V]`.
-
-    `final` (bool []): text finished, so no `ignore_eos` masking. Stops before sampling once `budget`
-    tokens were emitted (forced fill), or on a sampled id >= speech_token_size (not fed). Returns
-    (cache, logp, tokens `[max_steps]`, emitted count, stop id (-1: none, fill id: forced or sampled,
-    other: sampled special), sampling calls made)."""
-    S = cfg.speech_token_size
-    W = history.shape[1]
-
-    def cond(c):
-        return ~c[1]
-
-    def body(c):
-        k, _, stop, logp, cache, history, out, calls = c
-        forced = k >= budget
-        masked = smp.suppress_stop(cfg, logp, jnp.reshape(~final, (1,)), allow_fill=True)
-        u = jax.lax.dynamic_index_in_dim(draws, calls, axis=1, keepdims=False)
-        tok = smp.sample(cfg, method, masked, history, u)[0][0]
-        special = tok >= S
-        emit = ~forced & ~special
-        stop = jnp.where(forced, cfg.fill_id, jnp.where(special, tok, -1))
-        calls = calls + (~forced).astype(jnp.int32)
-        out = jnp.where(emit & (jnp.arange(max_steps) == k), tok, out)
-        slot = (jnp.arange(W) == (n_out0 + k) % W)[None, :] & emit
-        history = jnp.where(slot, tok, history)
-        feed = jnp.where(emit, tok, 0).reshape(1, 1)
-        hh, cache = _apply(cfg, params, SpeechLM.forward, _apply(cfg, params, SpeechLM.embed_speech, feed), cache,
-                           emit.astype(jnp.int32))
-        logp = jnp.where(emit, _apply(cfg, params, SpeechLM.logp, hh[:, 0]), logp)
-        k = k + emit.astype(jnp.int32)
-        done = ~emit | (k >= max_steps)
-        return k, done, stop, logp, cache, history, out, calls
-
-    init = (jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.full((), -1, jnp.int32), logp, cache, history,
-            jnp.full((max_steps,), -1, jnp.int32), jnp.zeros((), jnp.int32))
-    k, _, stop, logp, cache, _, out, calls = jax.lax.while_loop(cond, body, init)
-    return cache, logp, out, k, stop, calls
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _key_block(key, offset, n):
-    steps = offset.astype(jnp.uint32) + jnp.arange(n, dtype=jnp.uint32)
-    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (2,), jnp.float32))(steps)[None]
+@jax.jit
+def _arm(state: DecodeState, push_fill, fill_id, budget, final):
+    """Start a segment: push a fill id into the RAS history (it is part of upstream's out_tokens), allow
+    `budget` more tokens (forced fill after them), suppress stop ids while the text still arrives."""
+    pushed = jnp.concatenate([state.history[:, 1:], jnp.full((1, 1), fill_id, jnp.int32)], axis=1)
+    history = jnp.where(push_fill, pushed, state.history)
+    budget = jnp.reshape(budget, (1,)).astype(jnp.int32)
+    return state.replace(history=history, max_len=state.n_out + budget, active=budget > 0,
+                         stop=jnp.full((1,), -1, jnp.int32),
+                         min_len=jnp.where(final, 0, _NEVER).astype(jnp.int32).reshape(1))
 
 
 class _Decoder:
-    """Device-side state of one bistream request: cache, last log-probs, counters."""
+    """Device-side state of one bistream request (`DecodeState`, batch 1) and its host-side counters."""
 
-    def __init__(self, params, cfg: LLMConfig, method: str, capacity: int, key, uniforms):
-        self.params, self.cfg, self.method = params, cfg, method
-        self.cache = new_cache(cfg, 1, capacity)
+    def __init__(self, params, cfg: LLMConfig, sampler, capacity: int, key, uniforms):
+        self.params, self.cfg = params, cfg
         self.capacity = capacity
         self.index = 0  # cache slots written (host mirror of cache.index)
-        self.logp = jnp.zeros((1, cfg.speech_vocab_size), jnp.float32)
-        self.calls = 0  # sampling calls made: index into the uniform stream
-        self.key, self.uniforms = key, uniforms
+        self.n_out = 0  # tokens emitted (host mirror of state.n_out)
+        self.uniforms, self.sampler = uniforms, sampler
+        if not sampler.needs_uniforms:
+            draws = jnp.zeros((1, 1, 2), jnp.float32)
+        elif uniforms is not None:
+            # past the recorded draws: placeholders, and `segment` raises before yielding their tokens
+            draws = np.full((1, len(uniforms) + _STEPS, 2), 0.5, np.float32)
+            draws[0, : len(uniforms)] = uniforms
+        else:
+            # every sampling call either emits a token (<= capacity) or ends a segment after >= 1 fed input
+            draws = smp.uniforms_from_keys(key[None], 2 * capacity + _STEPS)
+        self.n_draws = int(np.shape(draws)[1])
+        self.state = init_state(cfg, sampler, 1, capacity, capacity, draws, [_NEVER], [0], allow_fill=True)
+        self.push_fill = False
 
-    def _draws(self, n: int):
-        if self.method == "greedy":
-            return jnp.zeros((1, n, 2), jnp.float32)
-        if self.uniforms is not None:
-            block = np.full((n, 2), 0.5, np.float32)
-            avail = self.uniforms[self.calls: self.calls + n]
-            block[: len(avail)] = avail
-            self._avail = len(avail)
-            return jnp.asarray(block[None])
-        return _key_block(self.key, jnp.asarray(self.calls, jnp.int32), n)
+    def segment(self, items, budget: int, final: bool):
+        """Feed `items` ([(id, kind)], may be empty) and decode -> (emitted ids, stop id or -1).
 
-    def segment(self, items, out_tokens, budget: int, final: bool):
-        """Feed `items` ([(id, kind)], may be empty) and decode -> (emitted ids, stop id or -1)."""
+        Stop id: the special id sampled (not fed back), or the fill id once `budget` tokens were emitted."""
         cfg = self.cfg
         n_in = len(items)
         T = _chunk_bucket(n_in)
@@ -146,28 +110,39 @@ class _Decoder:
         if self.index + max(T, n_in + steps) > self.capacity:
             raise LLMInputError(f"bistream needs more than cache_len={self.capacity} KV-cache slots "
                                 f"({self.index} used); pass a larger cache_len")
-        ids = np.zeros((1, T), np.int32)
-        kind = np.zeros((1, T), np.int32)
-        for j, (i, k) in enumerate(items):
-            ids[0, j], kind[0, j] = i, k
-        W = cfg.win_size
-        hist = np.full((1, W), -1, np.int32)
-        n0 = len(out_tokens)
-        for j in range(max(0, n0 - W), n0):
-            hist[0, j % W] = out_tokens[j]
-        draws = self._draws(steps)
         if n_in:
-            self.cache, self.logp = _feed(self.params, self.cache, jnp.asarray(ids), jnp.asarray(kind),
-                                          jnp.asarray(n_in, jnp.int32), self.logp, cfg=cfg)
-        self.cache, self.logp, out, k, stop, calls = _decode(
-            self.params, self.cache, self.logp, jnp.asarray(hist), jnp.asarray(n0, jnp.int32),
-            jnp.asarray(budget, jnp.int32), jnp.asarray(final), draws, cfg=cfg, method=self.method, max_steps=steps)
-        k, calls = int(k), int(calls)
-        if self.uniforms is not None and calls > self._avail:
+            ids = np.zeros((1, T), np.int32)
+            kind = np.zeros((1, T), np.int32)
+            for j, (i, k) in enumerate(items):
+                ids[0, j], kind[0, j] = i, k
+            self.state = _feed(self.params, self.state, jnp.asarray(ids), jnp.asarray(kind),
+                               jnp.asarray(n_in, jnp.int32), cfg=cfg)
+        n0 = self.n_out
+        self.state = _arm(self.state, jnp.asarray(self.push_fill), jnp.asarray(cfg.fill_id, jnp.int32),
+                          jnp.asarray(min(budget, 1 << 30), jnp.int32), jnp.asarray(final))
+        self.push_fill = False
+        self.index += n_in
+        if budget <= 0:
+            return [], cfg.fill_id
+        self.state = loop_program(self.params, self.state, jnp.asarray(steps, jnp.int32), cfg=cfg)
+        toks, n_out, stop, calls = jax.device_get((self.state.tokens, self.state.n_out, self.state.stop,
+                                                   self.state.step))
+        if self.uniforms is not None and int(calls[0]) > len(self.uniforms):
             raise LLMInputError(f"uniforms cover {len(self.uniforms)} sampling calls; bistream needs more")
-        self.calls += calls
-        self.index += n_in + k
-        return np.asarray(out[:k]).tolist(), int(stop)
+        if self.sampler.needs_uniforms and int(calls[0]) >= self.n_draws:
+            raise LLMInputError(f"bistream made {int(calls[0])} sampling calls, more than the {self.n_draws} "
+                                "drawn uniforms")
+        new = toks[0, n0:int(n_out[0])].tolist()
+        self.index += len(new)
+        self.n_out += len(new)
+        stop = int(stop[0])
+        if stop == -1 and int(n_out[0]) >= n0 + budget:
+            stop = cfg.fill_id  # budget reached: upstream forces the fill token
+        return new, stop
+
+    def note_fill(self):
+        """The fill id joins upstream's out_tokens: the next segment pushes it into the RAS history."""
+        self.push_fill = True
 
 
 def _flatten(text: Iterable) -> Iterator[int]:
@@ -188,8 +163,7 @@ def generate_bistream(params, cfg: LLMConfig, text: Iterable, prompt_text=None, 
     draws (one row per sampling call; forced fills draw nothing). `max_final_len` caps the tokens
     decoded after the text ends (upstream has no cap; default: until eos or the cache is full)."""
     del embedding  # unused by Qwen2LM / CosyVoice3LM
-    if sampling not in smp.SAMPLERS:
-        raise LLMInputError(f"sampling must be one of {smp.SAMPLERS}, got {sampling!r}")
+    sampler = resolve_sampling(cfg, sampling)
     _check_params(params, cfg)
     pt = np.zeros((1, 0), np.int64) if prompt_text is None else np.asarray(prompt_text).reshape(1, -1)
     ps = np.zeros((1, 0), np.int64) if prompt_speech_token is None else np.asarray(prompt_speech_token).reshape(1, -1)
@@ -199,23 +173,23 @@ def generate_bistream(params, cfg: LLMConfig, text: Iterable, prompt_text=None, 
     pt_ids, ps_ids = [int(t) for t in pt_row], [int(t) for t in ps_row]
     if cfg.version == CV3 and cfg.endofprompt_id not in pt_ids:
         raise LLMInputError(f"CosyVoice3 bistream needs <|endofprompt|> (id {cfg.endofprompt_id}) in prompt_text")
-    if key is None and uniforms is None and sampling == "ras":
-        raise LLMInputError("sampling='ras' needs a jax.random key (key=...) or injected uniforms")
+    if key is None and uniforms is None and sampler.needs_uniforms:
+        raise LLMInputError(f"sampling={sampling!r} needs a jax.random key (key=...) or injected uniforms")
     if key is not None:
         key = _row_keys(key, 1)[0]
     if uniforms is not None:
         uniforms = np.asarray(uniforms, np.float32).reshape(-1, 2)
         if np.any((uniforms < 0) | (uniforms >= 1)):
             raise LLMInputError("uniforms must lie in [0, 1)")
-    return _run(params, cfg, _flatten(text), pt_ids, ps_ids, sampling, int(cache_len), key, uniforms,
+    return _run(params, cfg, _flatten(text), pt_ids, ps_ids, sampler, int(cache_len), key, uniforms,
                 max_final_len, refeed_stale_input)
 
 
-def _run(params, cfg, text_ids, pt_ids, ps_ids, method, cache_len, key, uniforms, max_final_len, refeed):
+def _run(params, cfg, text_ids, pt_ids, ps_ids, sampler, cache_len, key, uniforms, max_final_len, refeed):
     S, fill, eos = cfg.speech_token_size, cfg.fill_id, cfg.eos_id
     m_text, m_speech = cfg.mix_ratio
     special = KIND_SPECIAL if cfg.has_llm_embedding else KIND_SPEECH
-    dec = _Decoder(params, cfg, method, cache_len, key, uniforms)
+    dec = _Decoder(params, cfg, sampler, cache_len, key, uniforms)
 
     lm_input = [(cfg.sos_id, special)]
     lm_input_in_cache = False
@@ -251,7 +225,7 @@ def _run(params, cfg, text_ids, pt_ids, ps_ids, method, cache_len, key, uniforms
         # decode until a fill token (cosyvoice/llm/llm.py inference_bistream inner `while True`)
         pending = lm_input
         while True:
-            toks, stop = dec.segment(pending, out_tokens, next_fill_index - len(out_tokens), final=False)
+            toks, stop = dec.segment(pending, next_fill_index - len(out_tokens), final=False)
             pending = []
             for t in toks:
                 out_tokens.append(t)
@@ -264,6 +238,7 @@ def _run(params, cfg, text_ids, pt_ids, ps_ids, method, cache_len, key, uniforms
             if stop == fill:  # forced (len == next_fill_index) or sampled: both give the same next index
                 next_fill_index = len(out_tokens) + m_speech + 1
                 out_tokens.append(fill)
+                dec.note_fill()
                 break
             raise LLMDecodeError(f"bistream sampled special token {stop} while text was still arriving "
                                  f"(upstream raises 'should not get token'); min_len_mask='stop_set' masks it")
@@ -273,7 +248,7 @@ def _run(params, cfg, text_ids, pt_ids, ps_ids, method, cache_len, key, uniforms
         [(cfg.task_id, special)]
     n_final = 0
     while True:
-        toks, stop = dec.segment(pending, out_tokens, 1 << 30, final=True)
+        toks, stop = dec.segment(pending, 1 << 30, final=True)
         pending = []
         for t in toks:
             if max_final_len is not None and n_final >= max_final_len:

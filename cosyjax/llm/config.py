@@ -74,8 +74,10 @@ class LLMConfig:
     silent_tokens: tuple[int, ...] = ()
     max_silent_tokens: int = 5
     # numerics
-    dtype: str = "float32"  # compute dtype of the backbone and KV cache
+    dtype: str = "float32"  # compute dtype of the backbone (and of the KV cache unless kv_cache_dtype)
     attention_impl: str = "auto"
+    kv_cache_dtype: str | None = None  # KV cache storage dtype, e.g. 'bfloat16' to halve its memory traffic
+    fused_qkv: bool = False  # one q|k|v matmul: params from `speech_lm.fuse_qkv` (the converter tree is unfused)
 
     # ---- derived ids ------------------------------------------------------------------------
     @property
@@ -138,6 +140,8 @@ class LLMConfig:
                 f"Qwen2 hidden_size {self.hidden_size} (CosyVoice feeds embeddings straight into Qwen2)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LLMConfigError(f"unsupported LLM dtype {self.dtype!r}")
+        if self.kv_cache_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise LLMConfigError(f"unsupported LLM kv_cache_dtype {self.kv_cache_dtype!r}")
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod

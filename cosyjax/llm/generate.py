@@ -1,4 +1,4 @@
-"""Speech-token generation: prefill + the whole decode loop in one jitted `lax.while_loop`.
+"""Speech-token generation: prefill + the whole decode loop (`cosyjax.llm.decode`) in one jitted program.
 
 Public API
 ----------
@@ -18,7 +18,8 @@ tokens, lengths = generate(params, cfg, text, text_len=None, prompt_text=None, p
 * `key`: a `jax.random` key (split into one key per row) or `[B]` keys; required for 'ras' unless
   `uniforms` `[B, N, 2]` (or `[N, 2]`, shared) is given: row `i` holds the two uniforms of the i-th
   sampling call (nucleus draw, RAS fallback draw), replayed by inverse CDF.
-* `sampling`: 'ras' (upstream ras_sampling: top_p/top_k/win/tau_r from the yaml) or 'greedy'.
+* `sampling`: 'ras' (upstream ras_sampling: top_p/top_k/win/tau_r from the yaml), 'greedy', or a
+  sampler object (`sampling.RAS(...)`, `Greedy()`, `TopKTopP(top_k, top_p, temperature)`).
 * `max_len` / `min_len`: int or `[B]`; default `int(20 * len(text))` / `int(2 * len(text))` per row.
   Set `min_len = max_len = n` with `cfg.replace(min_len_mask='stop_set')` for a fixed length.
 * `cache_len`: fixed KV-cache capacity (prompt + generated slots); default = bucketed
@@ -35,8 +36,9 @@ the sampled id (everything else unchanged: stop handling, feed-back, records).
 is the same decode program on already prepared arrays (`prepare(...)` fields), traceable: use it inside
 `jax.jit` / `jax.vmap` (e.g. `cosyjax.pipeline.synthesize`).
 
-`generate_stream(..., hop=25)` is a Python generator over the same state: each `next()` runs one
-jitted chunk of up to `hop` decode steps (the KV cache stays on device) and yields a list of B
+`generate_stream(..., hop=25)` is a Python generator over the same loop: each `next()` runs the jitted
+loop program for up to `hop` decode steps on the donated state (the KV cache stays on device) and
+reads the new tokens from the state's output buffer; it yields a list of B
 numpy int32 arrays with the tokens each row produced in that chunk (empty once a row has stopped).
 
 The flow gets upstream `llm_job`'s silent-token-filtered tokens: apply
@@ -54,20 +56,19 @@ import dataclasses
 import functools
 from typing import Iterator
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cosyjax.llm import kv_cache as kvc
 from cosyjax.llm import sampling as smp
 from cosyjax.llm.config import LLMConfig
-from cosyjax.llm.speech_lm import (
-    LLMInputError, SpeechLM, build_prompt, length_limits, new_cache, prompt_rows,
+from cosyjax.llm.decode import (  # noqa: F401  (DecodeState, decode_step, prefill, _apply: public here too)
+    DecodeState, _apply, decode_loop, decode_step, init_records, loop_program, new_tokens, prefill,
 )
+from cosyjax.llm.speech_lm import LLMInputError, build_prompt, length_limits, prompt_rows
 
-__all__ = ["DecodeState", "Generation", "bucket_length", "generate", "generate_detailed", "generate_stream",
-           "generate_traced", "prepare"]
+__all__ = ["DecodeState", "Generation", "Prepared", "bucket_length", "decode_step", "generate", "generate_detailed",
+           "generate_stream", "generate_traced", "prefill", "prepare"]
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -81,119 +82,20 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# device state and one decode step
-
-@flax.struct.dataclass
-class DecodeState:
-    """Everything the decode loop carries (all arrays; shapes fixed for a compiled program)."""
-
-    cache: kvc.KVCache
-    logp: jax.Array  # [B, V] float32: log-probs for the next sampling call
-    step: jax.Array  # [] int32: sampling calls made so far
-    n_out: jax.Array  # [B] int32: tokens emitted per row
-    active: jax.Array  # [B] bool
-    history: jax.Array  # [B, win_size] int32 ring buffer of emitted tokens (-1 = empty)
-    min_len: jax.Array  # [B] int32
-    max_len: jax.Array  # [B] int32
-    draws: jax.Array  # [B, N, 2] float32 uniforms of sampling calls 0..N-1 (from keys or injected)
-
-
-def _apply(cfg: LLMConfig, params, method, *args):
-    return SpeechLM(cfg).apply({"params": params}, *args, method=method)
-
-
-def prefill(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, draws, capacity: int) -> DecodeState:
-    """Embed the left-padded prompt, run it through an empty cache and return the decode state."""
-    B, L = ids.shape
-    cache = new_cache(cfg, B, capacity, start)
-    x = _apply(cfg, params, SpeechLM.embed_prompt, ids, kind)
-    h, cache = _apply(cfg, params, SpeechLM.forward, x, cache)
-    logp = _apply(cfg, params, SpeechLM.logp, h[:, -1])
-    return DecodeState(
-        cache=cache, logp=logp, step=jnp.zeros((), jnp.int32), n_out=jnp.zeros((B,), jnp.int32),
-        active=max_len > 0, history=jnp.full((B, cfg.win_size), -1, jnp.int32),
-        min_len=min_len, max_len=max_len, draws=draws)
-
-
-def decode_step(params, cfg: LLMConfig, method: str, state: DecodeState, forced=None):
-    """Sample at `state.step`, record, feed the token back -> (state, emitted `[B]` (-1 = none), info).
-
-    forced: None or int32 `[B, N]`: where `forced[b, step] >= 0` row b takes that id instead of the
-    sampled one. info = (unmasked logp `[B, V]`, fallback `[B]`, nucleus size `[B]`, was-active `[B]`)."""
-    was_active = state.active
-    masked = smp.suppress_stop(cfg, state.logp, state.step < state.min_len)
-    u = smp.draw_uniforms(state.draws, state.step)
-    tok, fallback, n_keep = smp.sample(cfg, method, masked, state.history, u)
-    if forced is not None:
-        f = jax.lax.dynamic_index_in_dim(forced, state.step, axis=1, keepdims=False)
-        tok = jnp.where(f >= 0, f, tok)
-    lo, hi = cfg.stop_ids
-    emit = was_active & ~((tok >= lo) & (tok < hi))
-    n_out = state.n_out + emit.astype(jnp.int32)
-    active = emit & (n_out < state.max_len)
-    W = state.history.shape[1]
-    slot = (jnp.arange(W) == state.step % W)[None, :] & emit[:, None]
-    history = jnp.where(slot, tok[:, None], state.history)
-    feed = jnp.where(emit, tok, 0)[:, None]
-    x = _apply(cfg, params, SpeechLM.embed_speech, feed)
-    h, cache = _apply(cfg, params, SpeechLM.forward, x, state.cache)
-    logp = _apply(cfg, params, SpeechLM.logp, h[:, 0])
-    new = state.replace(cache=cache, logp=logp, step=state.step + 1, n_out=n_out, active=active, history=history)
-    return new, jnp.where(emit, tok, -1), (state.logp, fallback, n_keep, was_active)
-
-
-# ---------------------------------------------------------------------------------------------
-# jitted programs
+# jitted programs (the loop itself: `cosyjax.llm.decode.decode_loop`)
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new", "capacity", "record_topk", "record_full"))
 def _generate_program(params, ids, kind, start, min_len, max_len, draws, forced=None, *, cfg, method, max_new,
                       capacity, record_topk=0, record_full=0):
     B = ids.shape[0]
-    V = cfg.speech_vocab_size
-    state = prefill(params, cfg, ids, kind, start, min_len, max_len, draws, capacity)
-    out = jnp.full((B, max_new), -1, jnp.int32)
-    rec = {}
-    if record_topk:
-        rec["topk_values"] = jnp.zeros((B, max_new, record_topk), jnp.float32)
-        rec["topk_indices"] = jnp.zeros((B, max_new, record_topk), jnp.int32)
-        rec["trace"] = jnp.full((B, max_new, 3), -1, jnp.int32)
-    if record_full:
-        rec["full"] = jnp.zeros((B, record_full, V), jnp.float32)
-
-    def cond(carry):
-        st = carry[0]
-        return (st.step < max_new) & jnp.any(st.active)
-
-    def body(carry):
-        st, out, rec = carry
-        i = st.step
-        st, tok, (logp, fb, nk, was) = decode_step(params, cfg, method, st, forced)
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-        rec = dict(rec)
-        if record_topk:
-            v, ix = jax.lax.top_k(logp, record_topk)
-            keep = was[:, None, None]
-            old_v = jax.lax.dynamic_slice_in_dim(rec["topk_values"], i, 1, axis=1)
-            old_i = jax.lax.dynamic_slice_in_dim(rec["topk_indices"], i, 1, axis=1)
-            rec["topk_values"] = jax.lax.dynamic_update_slice_in_dim(
-                rec["topk_values"], jnp.where(keep, v[:, None], old_v), i, axis=1)
-            rec["topk_indices"] = jax.lax.dynamic_update_slice_in_dim(
-                rec["topk_indices"], jnp.where(keep, ix[:, None].astype(jnp.int32), old_i), i, axis=1)
-            tr = jnp.stack([jnp.where(was, tok, -1), fb.astype(jnp.int32), nk], axis=-1)[:, None]
-            rec["trace"] = jax.lax.dynamic_update_slice_in_dim(
-                rec["trace"], jnp.where(was[:, None, None], tr, -1), i, axis=1)
-        if record_full:
-            j = jnp.minimum(i, record_full - 1)
-            old = jax.lax.dynamic_slice_in_dim(rec["full"], j, 1, axis=1)
-            new = jnp.where((was & (i < record_full))[:, None, None], logp[:, None], old)
-            rec["full"] = jax.lax.dynamic_update_slice_in_dim(rec["full"], new, j, axis=1)
-        return st, out, rec
-
-    state, out, rec = jax.lax.while_loop(cond, body, (state, out, rec))
-    return out, state.n_out, rec
+    records = init_records(B, max_new, cfg.speech_vocab_size, record_topk, record_full)
+    state = prefill(params, cfg, ids, kind, start, min_len, max_len, draws, capacity, sampler=method, width=max_new,
+                    forced=forced, records=records)
+    state = decode_loop(params, cfg, state, max_new)
+    return state.tokens, state.n_out, state.records or {}
 
 
-def generate_traced(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, draws, *, method: str, max_new: int,
+def generate_traced(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, draws, *, method, max_new: int,
                     capacity: int, forced_tokens=None):
     """Prefill + the whole decode loop on prepared arrays -> (tokens `[B, max_new]` int32 (-1 = none), lengths `[B]`).
 
@@ -201,36 +103,19 @@ def generate_traced(params, cfg: LLMConfig, ids, kind, start, min_len, max_len, 
     `method`, `max_new`, `capacity` are static). Inputs as `prepare(...)` builds them: ids / kind
     `[B, L]` int32 left-padded prompt layout, start / min_len / max_len `[B]` int32, draws `[B, N, 2]`
     float32 sampling uniforms (`sampling.uniforms_from_keys`; any `[B, 1, 2]` for 'greedy'), method
-    'ras' | 'greedy', max_new output slots, capacity KV-cache slots (prompt + max_new).
+    'ras' | 'greedy' or a sampler object (`sampling.RAS`, `Greedy`, `TopKTopP`), max_new output
+    slots, capacity KV-cache slots (prompt + max_new).
     forced_tokens: None or int32 `[B, max_new]` (-1 = sample; >= 0 = emit this id at that sampling call).
     No input validation: use `generate` for checked host inputs.
     """
     out, lengths, _ = _generate_program(params, ids, kind, start, min_len, max_len, draws, forced_tokens, cfg=cfg,
-                                        method=method, max_new=max_new, capacity=capacity)
+                                        method=smp.resolve(cfg, method), max_new=max_new, capacity=capacity)
     return out, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
-def _prefill_program(params, ids, kind, start, min_len, max_len, draws, *, cfg, capacity):
-    return prefill(params, cfg, ids, kind, start, min_len, max_len, draws, capacity)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "hop"), donate_argnums=(1,))
-def _chunk_program(params, state, *, cfg, method, hop):
-    """Up to `hop` decode steps (fewer if every row stops) -> (state, tokens `[B, hop]` (-1 = none))."""
-    B = state.n_out.shape[0]
-
-    def cond(carry):
-        k, st, _ = carry
-        return (k < hop) & jnp.any(st.active)
-
-    def body(carry):
-        k, st, out = carry
-        st, tok, _ = decode_step(params, cfg, method, st)
-        return k + 1, st, jax.lax.dynamic_update_slice(out, tok[:, None], (0, k))
-
-    _, state, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, jnp.full((B, hop), -1, jnp.int32)))
-    return state, out
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "capacity", "max_new"))
+def _prefill_program(params, ids, kind, start, min_len, max_len, draws, *, cfg, capacity, method="ras", max_new=None):
+    return prefill(params, cfg, ids, kind, start, min_len, max_len, draws, capacity, sampler=method, width=max_new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +133,25 @@ class Prepared:
     draws: jax.Array  # [B, N, 2] float32 uniforms per sampling call
     max_new: int
     capacity: int
-    method: str
+    method: object  # the `sampling` argument as given ('ras' | 'greedy' | a sampler object)
+    sampler: object = None  # the resolved sampler (`sampling.RAS` / `Greedy` / `TopKTopP`), static
+
+
+def resolve_sampling(cfg: LLMConfig, sampling):
+    """The public `sampling` argument ('ras' | 'greedy' | a sampler object) -> sampler, or `LLMInputError`."""
+    if isinstance(sampling, str) and sampling not in smp.SAMPLERS:
+        raise LLMInputError(f"sampling must be one of {smp.SAMPLERS} or a sampler object, got {sampling!r}")
+    try:
+        return smp.resolve(cfg, sampling)
+    except ValueError as e:
+        raise LLMInputError(str(e)) from e
+
+
+def row_keys(key, B: int, sampling="ras"):
+    """One key -> `split(key, B)`; `[B]` keys pass through -> `[B]` keys (`LLMInputError` if missing or wrong count)."""
+    if key is None:
+        raise LLMInputError(f"sampling={sampling!r} needs a jax.random key (key=...) or injected uniforms")
+    return _row_keys(key, B)
 
 
 def _row_keys(key, B: int):
@@ -266,8 +169,7 @@ def prepare(cfg: LLMConfig, text, text_len=None, prompt_text=None, prompt_text_l
             prompt_speech_token_len=None, *, key=None, sampling="ras", max_len=None, min_len=None, uniforms=None,
             cache_len=None) -> Prepared:
     """Validate inputs (clear `LLMInputError`s) and build the padded, bucketed program inputs."""
-    if sampling not in smp.SAMPLERS:
-        raise LLMInputError(f"sampling must be one of {smp.SAMPLERS}, got {sampling!r}")
+    sampler = resolve_sampling(cfg, sampling)
     text_rows, pt_rows, ps_rows = prompt_rows(cfg, text, text_len, prompt_text, prompt_text_len,
                                               prompt_speech_token, prompt_speech_token_len)
     B = len(text_rows)
@@ -305,14 +207,12 @@ def prepare(cfg: LLMConfig, text, text_len=None, prompt_text=None, prompt_text_l
         m = min(max_new, u.shape[1])
         draws[:, :m] = u[:, :m]
         draws = jnp.asarray(draws)
-    elif sampling == "greedy":
+    elif not sampler.needs_uniforms:
         draws = jnp.zeros((B, 1, 2), jnp.float32)
     else:
-        if key is None:
-            raise LLMInputError("sampling='ras' needs a jax.random key (key=...) or injected uniforms")
-        draws = smp.uniforms_from_keys(_row_keys(key, B), max_new)
+        draws = smp.uniforms_from_keys(row_keys(key, B, sampling), max_new)
     return Prepared(ids=layout.ids, kind=layout.kind, start=layout.start, min_len=mins, max_len=maxs, draws=draws,
-                    max_new=max_new, capacity=capacity, method=sampling)
+                    max_new=max_new, capacity=capacity, method=sampling, sampler=sampler)
 
 
 def _check_params(params, cfg: LLMConfig):
@@ -356,7 +256,7 @@ def generate_detailed(params, cfg: LLMConfig, text, text_len=None, prompt_text=N
     forced = None if forced_tokens is None else _forced_array(cfg, forced_tokens, len(p.max_len), p.max_new)
     out, lengths, rec = _generate_program(
         params, jnp.asarray(p.ids), jnp.asarray(p.kind), jnp.asarray(p.start), jnp.asarray(p.min_len),
-        jnp.asarray(p.max_len), p.draws, forced, cfg=cfg, method=p.method, max_new=p.max_new, capacity=p.capacity,
+        jnp.asarray(p.max_len), p.draws, forced, cfg=cfg, method=p.sampler, max_new=p.max_new, capacity=p.capacity,
         record_topk=int(record_topk), record_full=int(record_full_steps))
     return Generation(tokens=out, lengths=lengths, logp_topk_values=rec.get("topk_values"),
                       logp_topk_indices=rec.get("topk_indices"), logp_full=rec.get("full"), trace=rec.get("trace"))
@@ -411,11 +311,15 @@ def generate_stream(params, cfg: LLMConfig, text, text_len=None, prompt_text=Non
     p = prepare(cfg, text, text_len, prompt_text, prompt_text_len, prompt_speech_token, prompt_speech_token_len,
                 key=key, sampling=sampling, max_len=max_len, min_len=min_len, uniforms=uniforms,
                 cache_len=cache_len)
+    # the same loop as `generate`, one jitted call per chunk of `hop` steps, state donated (stays on device)
     state = _prefill_program(params, jnp.asarray(p.ids), jnp.asarray(p.kind), jnp.asarray(p.start),
-                             jnp.asarray(p.min_len), jnp.asarray(p.max_len), p.draws, cfg=cfg, capacity=p.capacity)
+                             jnp.asarray(p.min_len), jnp.asarray(p.max_len), p.draws, cfg=cfg, capacity=p.capacity,
+                             method=p.sampler, max_new=p.max_new)
+    n_out = np.zeros(len(p.max_len), np.int64)
+    hop = jnp.asarray(int(hop), jnp.int32)
     while bool(jnp.any(state.active)):
-        state, out = _chunk_program(params, state, cfg=cfg, method=p.method, hop=int(hop))
-        out = np.asarray(out)
-        rows = [out[b][out[b] >= 0] for b in range(out.shape[0])]
+        state = loop_program(params, state, hop, cfg=cfg)
+        rows = new_tokens(state, n_out)
+        n_out = n_out + np.array([r.size for r in rows])
         if any(r.size for r in rows):
             yield rows

@@ -4,12 +4,13 @@ Pre-norm blocks: `x += o_proj(attn(rope(q), rope(k), v))` on `RMSNorm(x)`, then
 `x += down(silu(gate(h)) * up(h))` on `RMSNorm(x)`; a final RMSNorm. GQA with q/k/v biases,
 rotate-half RoPE (theta from config.json; cos/sin built in float32 from integer positions), RMSNorm
 statistics in float32. The module always runs against a `KVCache`: `T` new inputs are written at
-`cache.index` and attend causally to every valid slot (prefill: empty cache, T = prompt;
+each row's `cache.index` and attend causally to every valid slot (prefill: empty cache, T = prompt;
 decode: T = 1), so prefill, chunked (bistream) prefill and decode share one code path.
 
 Parameter tree (names follow HF so the converter is a table):
 `embed_tokens/embedding [V, H]`, `layers_<i>/{input_layernorm, post_attention_layernorm}/scale`,
-`layers_<i>/self_attn/{q,k,v}_proj/{kernel,bias}`, `layers_<i>/self_attn/o_proj/kernel`,
+`layers_<i>/self_attn/{q,k,v}_proj/{kernel,bias}` (or one `qkv_proj` with `cfg.fused_qkv`, built by
+`speech_lm.fuse_qkv`), `layers_<i>/self_attn/o_proj/kernel`,
 `layers_<i>/mlp/{gate,up,down}_proj/kernel`, `norm/scale`. Kernels are `[in, out]`.
 """
 from __future__ import annotations
@@ -106,9 +107,13 @@ class Qwen2Attention(nn.Module):
         """x `[B, T, H]`; k_buf/v_buf `[B, C, K, D]` -> (`[B, T, H]`, new k_buf, new v_buf)."""
         c = self.cfg
         B, T, _ = x.shape
-        q = Linear(c.num_heads * c.head_dim, True, c.dtype, name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, True, c.dtype, name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, True, c.dtype, name="v_proj")(x)
+        nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if c.fused_qkv:  # one matmul instead of three (GPU decode is weight-bandwidth bound)
+            q, k, v = jnp.split(Linear(nq + 2 * nkv, True, c.dtype, name="qkv_proj")(x), [nq, nq + nkv], axis=-1)
+        else:
+            q = Linear(nq, True, c.dtype, name="q_proj")(x)
+            k = Linear(nkv, True, c.dtype, name="k_proj")(x)
+            v = Linear(nkv, True, c.dtype, name="v_proj")(x)
         q = apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
@@ -161,8 +166,9 @@ class Qwen2Model(nn.Module):
     def __call__(self, x, cache: kvc.KVCache, n_new=None, kv_lengths=None):
         """x `[B, T, H]` written at `cache.index` -> (hidden `[B, T, H]` after the final norm, cache).
 
-        `n_new` (scalar, default T): how many of the T inputs are real (right-padded chunks);
-        the write index advances by it. `kv_lengths` `[B]` additionally masks keys at slots >= it.
+        `n_new` (scalar or `[B]`, default T): how many of the T inputs of each row are real
+        (right-padded chunks; 0 for a row that takes no input this step); each row's write index
+        advances by it. `kv_lengths` `[B]` additionally masks keys at slots >= it.
         """
         c = self.cfg
         B, T, _ = x.shape

@@ -1,4 +1,4 @@
-"""On-device token sampling: repetition-aware sampling (RAS, upstream default) and greedy.
+"""On-device token sampling: repetition-aware sampling (RAS, upstream default), greedy, top-k/top-p.
 
 Upstream (`cosyvoice/utils/common.py`): `ras_sampling` = `nucleus_sampling` (softmax, stable
 descending sort, take items while cumulative mass < top_p and count < top_k — the crossing item is
@@ -8,21 +8,30 @@ last win_size generated tokens, set its score to -inf and redraw from the full s
 with `u < cumsum(w)[j] / sum(w)`. Uniforms come from `jax.random` keys or are injected, which
 replays the recorded-uniform golden decode exactly.
 
-All functions work on a batch: logp `[B, V]` float32, history `[B, W]` int32 (-1 = empty).
+Samplers are small frozen dataclasses (hashable: passed to `jax.jit` as static values) with one
+method `sample(logp, history, uniforms) -> (ids [B] int32, fallback [B] bool, nucleus size [B] int32)`:
+`RAS(top_p, top_k, win_size, tau_r)` (upstream `ras_sampling`, defaults from the yaml), `Greedy()`,
+`TopKTopP(top_k, top_p, temperature)`. The strings 'ras' / 'greedy' map to `RAS.from_config(cfg)` /
+`Greedy()` (`resolve`).
+
+All functions work on a batch: logp `[B, V]` float32, history `[B, W]` int32 (-1 = empty),
+uniforms `[B, 2]` float32 in [0, 1).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Union
 
 import jax
 import jax.numpy as jnp
 
-from cosyjax.llm.config import LLMConfig
+from cosyjax.llm.config import LLMConfig, LLMConfigError
 
-__all__ = ["SAMPLERS", "suppress_stop", "inverse_cdf", "nucleus", "ras_sample", "greedy_sample", "sample",
-           "draw_uniforms", "uniforms_from_keys"]
+__all__ = ["SAMPLERS", "RAS", "Greedy", "TopKTopP", "Sampler", "resolve", "suppress_stop", "inverse_cdf", "nucleus",
+           "ras_sample", "greedy_sample", "sample", "draw_uniforms", "uniforms_from_keys"]
 
-SAMPLERS = ("ras", "greedy")
+SAMPLERS = ("ras", "greedy")  # the strings accepted at the public boundary (mapped by `resolve`)
 _NEG_INF = -jnp.inf
 
 
@@ -57,8 +66,9 @@ def inverse_cdf(weights, u):
     return jnp.minimum(idx, last_nonzero)
 
 
-def nucleus(cfg: LLMConfig, p, u):
-    """Nucleus draw: p `[B, V]` probabilities -> (ids `[B]`, kept count `[B]`).
+def nucleus(cfg, p, u):
+    """Nucleus draw: p `[B, V]` probabilities -> (ids `[B]`, kept count `[B]`); `cfg`: anything with
+    `top_p` / `top_k` (an `LLMConfig`, `RAS`, `TopKTopP`).
 
     Sorted descending with ties broken by lower index first (`lax.top_k`, as torch's stable sort);
     item i is kept while the float32 mass accumulated *before* it is < top_p and i < top_k."""
@@ -77,9 +87,9 @@ def nucleus(cfg: LLMConfig, p, u):
     return jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0].astype(jnp.int32), jnp.sum(keep, -1).astype(jnp.int32)
 
 
-def ras_sample(cfg: LLMConfig, logp, history, u):
+def ras_sample(cfg, logp, history, u):
     """RAS: logp `[B, V]` (stop ids already suppressed), history `[B, W]`, u `[B, 2]` ->
-    (ids `[B]`, fallback used `[B]` bool, nucleus size `[B]`)."""
+    (ids `[B]`, fallback used `[B]` bool, nucleus size `[B]`). `cfg`: an `LLMConfig` or `RAS`."""
     p = jax.nn.softmax(logp, axis=-1)
     top, n_keep = nucleus(cfg, p, u[:, 0])
     window = history[:, -cfg.win_size:] if history.shape[1] > cfg.win_size else history
@@ -96,14 +106,94 @@ def greedy_sample(logp):
     return jnp.argmax(logp, axis=-1).astype(jnp.int32)
 
 
-def sample(cfg: LLMConfig, method: str, logp, history, u):
-    """Dispatch on the static `method` ('ras' | 'greedy') -> (ids, fallback, nucleus size)."""
-    if method == "greedy":
+@dataclasses.dataclass(frozen=True)
+class RAS:
+    """Repetition-aware sampling (upstream `ras_sampling`): nucleus draw, redrawn from the full
+    softmax when the pick occurs >= win_size * tau_r times in the last win_size tokens."""
+
+    top_p: float = 0.8
+    top_k: int = 25
+    win_size: int = 10
+    tau_r: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig) -> "RAS":
+        """The yaml's `sampling: !name:...ras_sampling` arguments (kept in `LLMConfig`)."""
+        return cls(top_p=cfg.top_p, top_k=cfg.top_k, win_size=cfg.win_size, tau_r=cfg.tau_r)
+
+    @property
+    def ras_threshold(self) -> float:
+        return self.win_size * self.tau_r  # a Python float, as upstream
+
+    @property
+    def history_size(self) -> int:
+        return self.win_size
+
+    needs_uniforms = True
+
+    def sample(self, logp, history, uniforms):
+        """logp `[B, V]`, history `[B, W]`, uniforms `[B, 2]` -> (ids, fallback, nucleus size) `[B]`."""
+        return ras_sample(self, logp, history, uniforms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """Argmax (lowest id on ties); draws no uniforms."""
+
+    history_size = 1
+    needs_uniforms = False
+
+    def sample(self, logp, history, uniforms):
+        """logp `[B, V]` -> (ids, fallback (all False), nucleus size (all 0)) `[B]`."""
+        del history, uniforms
         z = jnp.zeros(logp.shape[:1], jnp.int32)
         return greedy_sample(logp), z.astype(bool), z
-    if method == "ras":
-        return ras_sample(cfg, logp, history, u)
-    raise ValueError(f"unknown sampling method {method!r}; expected one of {SAMPLERS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKTopP:
+    """Temperature-scaled softmax, then the nucleus rule of `nucleus` (at most top_k ids, taken while
+    the mass before them is < top_p), one inverse-CDF draw (uniform 0)."""
+
+    top_k: int = 25
+    top_p: float = 0.8
+    temperature: float = 1.0
+
+    history_size = 1
+    needs_uniforms = True
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise LLMConfigError(f"TopKTopP temperature must be > 0, got {self.temperature}")
+        if self.top_k < 1 or not 0 < self.top_p <= 1:
+            raise LLMConfigError(f"TopKTopP needs top_k >= 1 and 0 < top_p <= 1, got {self.top_k}, {self.top_p}")
+
+    def sample(self, logp, history, uniforms):
+        """logp `[B, V]`, uniforms `[B, 2]` -> (ids, fallback (all False), nucleus size) `[B]`."""
+        del history
+        p = jax.nn.softmax(logp / jnp.float32(self.temperature), axis=-1)
+        ids, n_keep = nucleus(self, p, uniforms[:, 0])
+        return ids, jnp.zeros(ids.shape, bool), n_keep
+
+
+Sampler = Union[RAS, Greedy, TopKTopP]
+
+
+def resolve(cfg: LLMConfig, sampling) -> Sampler:
+    """'ras' -> `RAS.from_config(cfg)`, 'greedy' -> `Greedy()`; a sampler object passes through."""
+    if isinstance(sampling, (RAS, Greedy, TopKTopP)):
+        return sampling
+    if sampling == "ras":
+        return RAS.from_config(cfg)
+    if sampling == "greedy":
+        return Greedy()
+    raise LLMConfigError(f"unknown sampling method {sampling!r}; expected one of {SAMPLERS} or a sampler object "
+                     "(RAS, Greedy, TopKTopP)")
+
+
+def sample(cfg: LLMConfig, method, logp, history, u):
+    """`resolve(cfg, method).sample(logp, history, u)` -> (ids, fallback, nucleus size)."""
+    return resolve(cfg, method).sample(logp, history, u)
 
 
 def uniforms_from_keys(keys, n: int):
@@ -122,5 +212,8 @@ def _uniforms_from_keys(keys, n):
 
 
 def draw_uniforms(uniforms, step):
-    """The two uniforms `[B, 2]` of sampling call `step` from `[B, N, 2]` (index clamped to N-1)."""
-    return jax.lax.dynamic_index_in_dim(uniforms, step, axis=1, keepdims=False).astype(jnp.float32)
+    """The two uniforms `[B, 2]` of sampling call `step` (`[]` or per row `[B]`) from `[B, N, 2]`
+    (index clamped to N-1)."""
+    B, N = uniforms.shape[:2]
+    i = jnp.clip(jnp.broadcast_to(jnp.asarray(step, jnp.int32), (B,)), 0, N - 1)
+    return jnp.take_along_axis(uniforms, i[:, None, None], axis=1)[:, 0].astype(jnp.float32)

@@ -33,7 +33,8 @@ from cosyjax.llm.qwen2 import Embedding, Linear, Qwen2Model
 
 __all__ = [
     "KIND_PAD", "KIND_TEXT", "KIND_SPEECH", "KIND_SPECIAL", "LLMInputError", "PromptLayout", "SpeechLM",
-    "abstract_params", "backbone_forward", "build_prompt", "cast_params", "filter_silent_tokens", "init_params",
+    "abstract_params", "backbone_forward", "build_prompt", "cast_params", "filter_silent_tokens", "fuse_qkv",
+    "init_params",
     "length_limits", "new_cache", "prompt_rows",
 ]
 
@@ -104,9 +105,9 @@ class SpeechLM(nn.Module):
 # parameters and caches
 
 def new_cache(cfg: LLMConfig, batch: int, capacity: int, start=None) -> kvc.KVCache:
-    """An empty cache `[B, capacity, K, D]` per layer in the compute dtype."""
+    """An empty cache `[B, capacity, K, D]` per layer in `cfg.kv_cache_dtype` (default: the compute dtype)."""
     return kvc.init_cache(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim,
-                          jnp.dtype(cfg.dtype), start)
+                          jnp.dtype(cfg.kv_cache_dtype or cfg.dtype), start)
 
 
 def _init_args(cfg: LLMConfig):
@@ -123,6 +124,20 @@ def init_params(cfg: LLMConfig, key) -> dict:
 def abstract_params(cfg: LLMConfig) -> dict:
     """`ShapeDtypeStruct` tree of `init_params` without allocating (for shape checks)."""
     return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
+
+
+def fuse_qkv(params) -> dict:
+    """Converter tree -> the tree of `cfg.replace(fused_qkv=True)`: each layer's q/k/v kernels `[H, .]`
+    and biases concatenated into `self_attn/qkv_proj` (same math, one matmul). Call once at load."""
+    llm = dict(params["llm"])
+    for name, layer in params["llm"].items():
+        if not name.startswith("layers_"):
+            continue
+        attn = dict(layer["self_attn"])
+        parts = [attn.pop(p) for p in ("q_proj", "k_proj", "v_proj")]
+        attn["qkv_proj"] = {key: jnp.concatenate([p[key] for p in parts], axis=-1) for key in ("kernel", "bias")}
+        llm[name] = {**layer, "self_attn": attn}
+    return {**params, "llm": llm}
 
 
 def cast_params(params, dtype) -> dict:
