@@ -1,4 +1,10 @@
-"""Shared pytest fixtures: where the golden fixtures live, CPU-only float32 defaults."""
+"""Shared pytest fixtures: where the golden fixtures live, CPU-only float32 defaults.
+
+Golden fixtures: `$COSYJAX_GOLDEN` if set, else the full set `../shared/golden/` beside the checkout when it
+is there, else the tracked subset `tests/golden/` (a fresh clone). A test that opens a file the subset leaves
+out (`ONLY_IN_FULL_SET`) is skipped with the file's name when only the subset exists; every other missing
+file is a failure.
+"""
 from __future__ import annotations
 
 import os
@@ -10,13 +16,59 @@ jax.config.update("jax_platforms", "cpu") if os.environ.get("COSYJAX_TEST_DEVICE
 jax.config.update("jax_default_matmul_precision", "highest")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOLDEN = os.environ.get("COSYJAX_GOLDEN", os.path.join(HERE, "golden"))
+SUBSET = os.path.join(HERE, "golden")
+FULL_SET = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "golden"))
+# what tests/golden/ leaves out of the full set (tests/golden/README.md), relative to the golden root
+ONLY_IN_FULL_SET = ("common", "cosyvoice2/e2e", "cosyvoice2/e2e_modes", "cosyvoice3/e2e_modes", "cosyvoice2/train",
+                    "cosyvoice3/train", "cosyvoice3/e2e/stream.npz", "cosyvoice3/e2e/nonstream_forced_silence.npz")
+
+
+def _golden_root() -> str:
+    if os.environ.get("COSYJAX_GOLDEN"):
+        return os.environ["COSYJAX_GOLDEN"]
+    if os.path.isdir(os.path.join(FULL_SET, "cosyvoice3", "e2e_modes")):
+        return FULL_SET
+    return SUBSET
+
+
+GOLDEN = _golden_root()
 FULLSIZE = os.path.join(HERE, "fullsize")
+
+
+def only_in_full_set(path) -> bool:
+    """True for a path under the subset that the subset deliberately leaves out."""
+    rel = os.path.relpath(os.path.abspath(os.fspath(path)), SUBSET).replace(os.sep, "/")
+    return not rel.startswith("..") and any(rel == p or rel.startswith(p + "/") for p in ONLY_IN_FULL_SET)
+
+
+def _skip_if_left_out(e: FileNotFoundError) -> None:
+    if GOLDEN == SUBSET and e.filename and only_in_full_set(e.filename):
+        rel = os.path.relpath(e.filename, SUBSET)
+        pytest.skip(f"needs {rel}: only in the full fixture set ../shared/golden/ (tests/golden/ is the "
+                    "tracked subset)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    try:
+        return (yield)
+    except FileNotFoundError as e:
+        _skip_if_left_out(e)
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except FileNotFoundError as e:
+        _skip_if_left_out(e)
+        raise
 
 
 @pytest.fixture(scope="session")
 def golden_root() -> str:
-    """Root of the golden fixtures (copied from ../shared/golden; the seed-0 noise is regenerated)."""
+    """Root of the golden fixtures (see the module docstring)."""
     return GOLDEN
 
 
