@@ -110,7 +110,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 def init_state(task: Task, params) -> tuple[TrainState, Any]:
     """-> (state, base): base is the frozen tree under LoRA, else None (the state holds the params)."""
     tc = task.train
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates the state's buffers
     if tc.freeze:
         lab = jax.tree_util.tree_leaves(_labels(params, tc.freeze))
         if "frozen" not in lab:
@@ -145,6 +145,10 @@ def task_loss(task: Task, trainable, base, batch: dict, key, streaming: bool = F
     return loss, {}
 
 
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree)))
+
+
 @functools.partial(jax.jit, static_argnames=("task", "streaming"), donate_argnums=(0,))
 def train_step(state: TrainState, base, batch: dict, *, task: Task, streaming: bool = False):
     """One optimizer call on one (micro-)batch -> (new state, metrics {loss, grad_norm, lr-free extras})."""
@@ -153,4 +157,4 @@ def train_step(state: TrainState, base, batch: dict, *, task: Task, streaming: b
         lambda t: task_loss(task, t, base, batch, key, streaming), has_aux=True)(state.trainable)
     updates, opt_state = make_optimizer(task.train).update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    return TrainState(state.step + 1, trainable, opt_state), dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return TrainState(state.step + 1, trainable, opt_state), dict(metrics, loss=loss, grad_norm=_global_norm(grads))
