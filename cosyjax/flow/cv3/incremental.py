@@ -155,7 +155,7 @@ class IncrementalFlowCV3:
         for name, b in (("cache_buckets", cache_buckets), ("new_frame_buckets", new_frame_buckets)):
             if not b or any(int(x) % r for x in b):
                 raise IncrementalFlowError(f"{name} must be non-empty multiples of {r} frames, got {tuple(b)}")
-        self.params, self.cfg = params, cfg
+        self.params, self.cfg = jax.device_put(params), cfg  # uploaded once, not on every chunk
         self.prompt_feat, self.embedding = feat, emb
         self.dtype, self.attention_impl, self.n_timesteps = str(jnp.dtype(dtype)), attention_impl, int(n_timesteps)
         self.cache_buckets, self.new_frame_buckets = tuple(sorted(cache_buckets)), tuple(sorted(new_frame_buckets))
