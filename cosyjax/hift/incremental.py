@@ -193,10 +193,12 @@ class IncrementalVocoderCV3:
     def push(self, mel_new, finalize: bool) -> tuple[np.ndarray, int]:
         """Append mel_new [1, F, 80] float32 (F >= 0) and vocode the window it completes.
 
-        Returns (audio [1, N] float32, vocoder_frames): audio = the samples the recompute path
-        (`streaming.RecomputeVocoderCV3` / upstream token2wav) yields for this call (all samples up to (T-8)*480 non-final, T*480 final, T = frames pushed so far, minus
-        those already returned); vocoder_frames = mel frames in the generator window (context included,
-        bucket padding excluded; the f0 predictor sees `f0_context` more).
+        Returns (audio [1, N] float32, vocoder_frames). audio = the samples the recompute path
+        (`streaming.RecomputeVocoderCV3`, upstream token2wav) yields for this call: every sample up to
+        (T-8)*480 (non-final) or T*480 (final), T = frames pushed so far, minus those already returned.
+        vocoder_frames = mel frames in the generator window (context included, bucket padding
+        excluded; the f0 predictor sees `f0_context` more). An empty final push with nothing pushed
+        before returns ([1, 0], 0), as the recompute path does.
         """
         if self.finalized:
             raise IncrementalInputError("push after the final push (finalize=True): start a new IncrementalVocoderCV3")
