@@ -111,19 +111,27 @@ def test_cv2_batch_lengths_and_cache_source(models):
     assert rel_l2(wav_c[:, :3000], wav_n[:, :3000]) > 1e-3
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=5, deadline=None, derandomize=True)  # each example compiles one exact-length program
 @given(t=st.integers(1, 300), version=st.sampled_from(VERSIONS), finalize=st.booleans(), seed=st.integers(0, 99))
-def test_any_length_gives_t_times_480_finite_clamped_samples(models, t, version, finalize, seed):
+def test_any_length_bucketed_equals_exact_length_and_streaming_is_a_prefix(models, t, version, finalize, seed):
+    """Any length: t*480 samples; the bucketed `vocode` equals the exact-length `hift_inference` (padding and
+    masks change nothing); CV3 finalize=False is the prefix of the finalize=True output (causal vocoder)."""
     cfg, params, _ = models[version]
     finalize = finalize or not cfg.causal or t <= cfg.finalize_false_trim
     mel = (np.random.RandomState(seed).randn(1, t, 80) * 2 - 5).astype(np.float32)
-    wav, source = vocode(params, cfg, mel, finalize=finalize, key=jax.random.key(seed), buckets=BUCKETS)
+    key = jax.random.key(seed)
+    wav, source = vocode(params, cfg, mel, finalize=finalize, key=key, buckets=BUCKETS)
     n = t if finalize else t - cfg.finalize_false_trim
     chex.assert_shape(wav, (1, n * 480))
     chex.assert_shape(source, (1, (t if finalize else t - cfg.f0_lookahead) * 480))
     chex.assert_tree_all_finite((wav, source))
-    assert float(jnp.max(jnp.abs(wav))) <= np.float32(cfg.audio_limit)
-    assert float(jnp.max(jnp.abs(source))) < 1.0
+    wav_x, source_x = hift_inference(params, cfg, mel, finalize=finalize, key=key)
+    assert rel_l2(wav, wav_x) < 1e-5 and rel_l2(source, source_x) < 1e-5, (rel_l2(wav, wav_x), rel_l2(source, source_x))
+    assert float(np.std(np.asarray(wav))) > 0  # a real signal, not a constant
+    if not finalize:
+        wav_f, source_f = vocode(params, cfg, mel, finalize=True, key=key, buckets=BUCKETS)
+        np.testing.assert_allclose(wav, np.asarray(wav_f)[:, :n * 480], atol=1e-6)
+        np.testing.assert_allclose(source, np.asarray(source_f)[:, :source.shape[1]], atol=1e-6)
 
 
 def test_bucket_length():
