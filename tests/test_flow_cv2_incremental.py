@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from cosyjax.errors import CosyJaxError
-from cosyjax.flow.cv2.incremental import IncrementalFlowCV2, IncrementalFlowError, incremental_step
+import jax
+import jax.numpy as jnp
+
+from cosyjax.flow.cv2.incremental import (IncrementalFlowCV2, IncrementalFlowError, grow_cache, incremental_step,
+                                          init_cache)
 from cosyjax.flow.cv2.model import flow_inference
 from cosyjax.streaming import plan_schedule
 from tests.conftest import model_dir
@@ -158,3 +162,25 @@ def test_bad_calls_raise_clear_errors(model):
     assert mel.shape == (1, 2 * (700 - 36), 80)
     with pytest.raises(IncrementalFlowError, match="final"):
         inc.chunk(tokens, 700, 710)
+
+
+def test_grow_cache_keeps_every_buffer_prefix(model):
+    """Reallocation to a larger capacity: K/V buffers are zero-padded along their key axis (tokens for the
+    encoder, 2x frames for the up-encoder and U-Net), causal-conv contexts are kept as they are."""
+    cfg, _ = model
+    state = init_cache(cfg, 128, 2, "float32")
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    state = jax.tree_util.tree_unflatten(tree, [jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
+    grown = grow_cache(state, 128, 256)
+    enc, genc = state["enc"], grown["enc"]
+    assert genc["encoders"][0].shape[2] == 256 and genc["up_encoders"][1].shape[2] == 512
+    np.testing.assert_array_equal(genc["encoders"][0][:, :, :128], enc["encoders"][0])
+    assert not np.any(genc["encoders"][0][:, :, 128:])
+    np.testing.assert_array_equal(genc["up_left"], enc["up_left"])
+    u, gu = state["unet"], grown["unet"]
+    assert gu["mid_blocks"]["transformers"][0].shape[-3] == 512
+    mid, gmid = u["mid_blocks"]["transformers"][0], gu["mid_blocks"]["transformers"][0]
+    np.testing.assert_array_equal(gmid[..., :256, :, :], mid)
+    np.testing.assert_array_equal(gu["down_resnet"][0], u["down_resnet"][0])
+    assert jnp.asarray(gu["down_transformers"][1]).shape[-3] == 512
