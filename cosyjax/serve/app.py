@@ -262,7 +262,7 @@ def create_app(tts, config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.get("/health")
     async def health():
         ok = svc.scheduler.alive
-        return JSONResponse({"status": "ok" if ok else "worker stopped", "model": svc.model_name,
+        return JSONResponse({"status": "ok" if ok else "worker stopped", "model": svc.model_name, "pid": os.getpid(),
                              "version": svc.version, "sample_rate": svc.sample_rate,
                              "active_streams": svc.scheduler.active_streams(),
                              "queued_segments": svc.scheduler.queue_depth()}, status_code=200 if ok else 503)
