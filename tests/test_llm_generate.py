@@ -253,3 +253,21 @@ def test_fused_qkv_and_bf16_kv_cache():
     g16 = G.generate_detailed(params, bcfg, zd["text"], **kw, record_full_steps=8, forced_tokens=same)
     rel = float(jnp.linalg.norm(g16.logp_full - g32.logp_full) / jnp.linalg.norm(g32.logp_full))
     assert rel < 1e-2, rel
+
+
+def test_loop_program_updates_the_cache_in_place():
+    """The donated loop program (streaming, slots, bistream) writes the KV cache with in-place updates:
+    no copy of a cache-shaped buffer in the compiled HLO, and the cache is aliased input -> output."""
+    import re
+
+    from cosyjax.llm.decode import loop_program
+
+    params, cfg = _model("cosyvoice2")
+    p = G.prepare(cfg, np.array([[5, 6, 7], [8, 9, 10]]), key=jax.random.PRNGKey(0), max_len=40)
+    st = G._prefill_program(params, *(jnp.asarray(a) for a in (p.ids, p.kind, p.start, p.min_len, p.max_len)),
+                            p.draws, cfg=cfg, capacity=p.capacity, method=p.sampler, max_new=p.max_new)
+    hlo = loop_program.lower(params, st, jnp.asarray(4, jnp.int32), cfg=cfg).compile().as_text()
+    cache = "f32[%s]" % ",".join(map(str, st.cache.k[0].shape))
+    copies = [ln for ln in hlo.splitlines() if re.search(re.escape(cache) + r"\{[^}]*\} copy\(", ln)]
+    assert copies == []
+    assert "input_output_alias" in hlo and hlo.count(" while(") == 1
