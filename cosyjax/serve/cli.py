@@ -122,7 +122,9 @@ def warmup(app) -> None:
         print(f"warmup: batch of {b}", file=sys.stderr)
         svc.tts.engine.synthesize_batch(inputs[:1] * b, keys[:1] * b)
     print("warmup: stream", file=sys.stderr)
-    for _ in svc.tts.engine.tts(inputs[0], stream=True, key=keys[0]):
+    open_stream = svc.slot_streams.open if svc.slot_streams is not None else \
+        (lambda mi, key: svc.tts.engine.tts(mi, stream=True, key=key))
+    for _ in open_stream(inputs[0], keys[0]):  # before the worker starts: this thread owns the slots
         pass
 
 
