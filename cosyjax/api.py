@@ -72,23 +72,25 @@ class CosyVoice:
     @classmethod
     def from_pretrained(cls, model_dir: str, dtype: str = "float32", attention: str = "auto", *,
                         cache_dir: Optional[str] = None, use_cache: bool = True, sampling: str = "ras",
-                        text_engine: str = "auto", progress: bool = False) -> "CosyVoice":
+                        text_engine: str = "auto", progress: bool = False, devices=None,
+                        params=None) -> "CosyVoice":
         """Load a model folder; converts llm.pt / flow.pt / hift.pt on first use and caches the orbax
         checkpoint (`cache_dir`, default `$COSYJAX_CACHE` or `~/.cache/cosyjax`; keyed by the files'
         sizes and mtimes).
 
         dtype: 'float32' | 'bfloat16' for the LLM and flow (HiFT stays float32).
-        attention: 'auto' | 'xla' | 'cudnn' | 'pallas'. sampling: 'ras' (upstream) | 'greedy'.
+        attention: 'auto' | 'xla' | 'cudnn' | 'pallas' (optionally '@gpu' etc., see cosyjax.nn.attention). sampling: 'ras' (upstream) | 'greedy'.
         text_engine: text normaliser ('auto' | 'wetext' | 'ttsfrd' | 'none').
+        devices: shard batches (`synthesize_batch`) over this many devices / this mesh ('data' axis).
+        params: a `cosyjax finetune` output folder (its parameters replace the folder's, merged with LoRA).
         """
         from cosyjax.frontend.model_inputs import Frontend
         from cosyjax.model_cache import load_or_convert_params
         from cosyjax.pipeline import Engine, PipelineConfig
 
-        if dtype not in ("float32", "bfloat16"):
-            raise APIError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-        if attention not in ("auto", "xla", "cudnn", "pallas"):
-            raise APIError(f"attention must be one of auto, xla, cudnn, pallas; got {attention!r}")
+        from cosyjax.nn.numerics import Numerics
+
+        Numerics(dtype=dtype, attention=attention)  # validates both with a clear error
         if sampling not in ("ras", "greedy"):
             raise APIError(f"sampling must be 'ras' or 'greedy', got {sampling!r}")
         if not os.path.isdir(model_dir):
@@ -96,9 +98,15 @@ class CosyVoice:
                                    "fetch the CosyVoice2-0.5B / Fun-CosyVoice3-0.5B folder first)")
         say = (lambda s: print(s, file=sys.stderr)) if progress else log.info
         mc = ModelConfig.from_dir(model_dir)
-        params, _ = load_or_convert_params(mc, cache_dir, use_cache=use_cache, log=say)
-        engine = Engine(params, PipelineConfig.from_model_config(mc, dtype=dtype, attention=attention,
-                                                                 sampling=sampling))
+        base, _ = load_or_convert_params(mc, cache_dir, use_cache=use_cache, log=say)
+        if params is not None:
+            from cosyjax.train.checkpoint import load_params
+
+            if not os.path.isdir(os.fspath(params)):
+                raise APIError(f"params: fine-tuned output folder not found: {params}")
+            base = load_params(os.fspath(params), base)
+        engine = Engine(base, PipelineConfig.from_model_config(mc, dtype=dtype, attention=attention,
+                                                               sampling=sampling), devices=devices)
         return cls(mc, engine, Frontend.from_model_dir(mc.model_dir, text_frontend=text_engine))
 
     # ------------------------------------------------------------------------------------ frontend

@@ -64,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (LLM sampling, vocoder noise)")
     s.add_argument("--sampling", default="ras", choices=("ras", "greedy"), help="LLM sampling")
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="LLM / flow compute dtype")
-    s.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "pallas"),
-                   help="attention implementation")
+    s.add_argument("--attention", default="auto", metavar="IMPL",
+                   help="attention implementation: auto | xla | cudnn | pallas, optionally @gpu (see cosyjax.nn.attention)")
     s.add_argument("--no-text-frontend", action="store_true", help="skip text normalisation")
     s.add_argument("--batch-file", help="JSON-lines file: one request per line with keys text, out and optionally "
                                          "mode, prompt_wav, prompt_text, instruct, spk_id, seed; runs batched")
     s.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/cosyjax)")
+    s.add_argument("--devices", type=int, help="shard --batch-file batches over N devices (a 'data' mesh)")
+    s.add_argument("--params", help="a `cosyjax finetune --out` folder: use its fine-tuned parameters")
+    s.add_argument("--no-incremental", action="store_true",
+                   help="streaming: recompute the prefix every chunk (upstream's algorithm) instead of cached state")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     c = sub.add_parser("convert", help="convert llm.pt/flow.pt/hift.pt and cache the orbax checkpoint")
@@ -229,7 +233,8 @@ def _load_model(args):
 
     return CosyVoice.from_pretrained(args.model_dir, dtype=args.dtype, attention=args.attention,
                                      cache_dir=args.cache_dir, sampling=args.sampling,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, devices=getattr(args, "devices", None),
+                                     params=getattr(args, "params", None))
 
 
 def _synth(args) -> int:
@@ -255,7 +260,7 @@ def _synth(args) -> int:
     out = args.out or "out.wav"
     model = _load_model(args)
     method = getattr(model, f"inference_{mode}")
-    kw = dict(stream=args.stream, speed=args.speed, seed=args.seed)
+    kw = dict(stream=args.stream, speed=args.speed, seed=args.seed, incremental=not args.no_incremental)
     if mode != "vc":
         kw["text_frontend"] = not args.no_text_frontend
     chunks = []

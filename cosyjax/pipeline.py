@@ -30,8 +30,8 @@ from cosyjax.nn.numerics import Numerics
 from cosyjax.pipeline_ops import filter_silent_batch, length_mask, resize_linear
 from cosyjax.streaming import MAX_SILENT_RUN, StreamConfig
 
-__all__ = ["PipelineConfig", "StaticShapes", "Engine", "prepare_inputs", "prepare_params", "synthesize",
-           "synthesize_rows", "PipelineInputError"]
+__all__ = ["PipelineConfig", "StaticShapes", "Engine", "make_mesh", "prepare_inputs", "prepare_params",
+           "synthesize", "synthesize_rows", "PipelineInputError"]
 
 
 class PipelineInputError(CosyJaxError):
@@ -290,12 +290,52 @@ def synthesize_rows(params, inputs: dict, keys, config: PipelineConfig, shapes: 
 NoiseProvider = Callable[[int, int], dict]  # (vocoder call index, mel frames) -> {'noise': array}
 
 
-class Engine:
-    """Prepared parameters + config; runs model inputs through `synthesize` or the streaming scheduler."""
+def make_mesh(devices=None):
+    """A 1-D `jax.sharding.Mesh` with axis 'data' over `devices` (an int: the first n devices; a list; a Mesh).
 
-    def __init__(self, params: dict, config: PipelineConfig, *, prepared: bool = False):
+    Multi-host: call `jax.distributed.initialize()` in every process first; `jax.devices()` then lists every
+    host's devices and the same code shards a batch over all of them (each process feeds the same inputs)."""
+    from jax.sharding import Mesh
+
+    if isinstance(devices, Mesh):
+        if devices.axis_names != ("data",):
+            raise PipelineInputError(f"the mesh must have one axis named 'data', got {devices.axis_names}")
+        return devices
+    all_devices = jax.devices()
+    if devices is None or isinstance(devices, int):
+        n = len(all_devices) if devices is None else int(devices)
+        if not 1 <= n <= len(all_devices):
+            raise PipelineInputError(f"devices={n}: this process sees {len(all_devices)} device(s) "
+                                     f"({all_devices[0].platform})")
+        devices = all_devices[:n]
+    return Mesh(np.asarray(list(devices)), ("data",))
+
+
+def _replicate(params: dict, mesh) -> dict:
+    """Parameters replicated over the mesh (the CosyVoice3 f0 weights stay float64: placed under x64)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cosyjax.hift.f0_predictor import x64_enabled
+
+    repl = NamedSharding(mesh, PartitionSpec())
+    out = {k: jax.device_put(v, repl) for k, v in params.items() if k != "hift"}
+    with x64_enabled():
+        out["hift"] = jax.device_put(params["hift"], repl)
+    return out
+
+
+class Engine:
+    """Prepared parameters + config; runs model inputs through `synthesize` or the streaming scheduler.
+
+    devices: None (the default device), or an int / device list / `Mesh` to shard batches of
+    `synthesize_batch` over a 'data' axis (parameters replicated; see `make_mesh`)."""
+
+    def __init__(self, params: dict, config: PipelineConfig, *, prepared: bool = False, devices=None):
         self.config = config
         self.params = params if prepared else prepare_params(params, config)
+        self.mesh = None if devices is None else make_mesh(devices)
+        if self.mesh is not None:
+            self.params = _replicate(self.params, self.mesh)
 
     # ---- LLM (parity / research entry points over the one decode loop) -------------------------
     def llm_inputs(self, mi) -> dict:
@@ -334,11 +374,28 @@ class Engine:
         inputs, shapes = prepare_inputs(self.config, model_inputs, speed=speed, max_len=max_len, min_len=min_len,
                                         tokens=tokens, hift_noise=hift_noise)
         keys = jnp.stack([jnp.asarray(k) for k in keys])
-        if keys.shape[0] != shapes.batch:
-            raise PipelineInputError(f"{keys.shape[0]} keys for {shapes.batch} model inputs")
+        B = shapes.batch
+        if keys.shape[0] != B:
+            raise PipelineInputError(f"{keys.shape[0]} keys for {B} model inputs")
+        if self.mesh is not None:
+            inputs, keys, shapes = self._shard(inputs, keys, shapes)
         wav, wav_len = synthesize_rows(self.params, inputs, keys, self.config, shapes)
         wav, wav_len = np.asarray(wav), np.asarray(wav_len)
-        return [wav[b:b + 1, :int(wav_len[b])] for b in range(shapes.batch)]
+        return [wav[b:b + 1, :int(wav_len[b])] for b in range(B)]
+
+    def _shard(self, inputs: dict, keys, shapes: StaticShapes):
+        """Pad the batch to a multiple of the mesh size (repeating the last row) and place rows on 'data'."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        n = self.mesh.size
+        pad = (-shapes.batch) % n
+        grow = lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a  # noqa: E731
+        rows = NamedSharding(self.mesh, PartitionSpec("data"))
+        repl = NamedSharding(self.mesh, PartitionSpec())
+        placed = {k: jax.device_put(v, repl) if k in _SHARED_INPUTS else jax.device_put(grow(np.asarray(v)), rows)
+                  for k, v in inputs.items()}
+        keys = jax.device_put(grow(np.asarray(keys)), rows)
+        return placed, keys, dataclasses.replace(shapes, batch=shapes.batch + pad)
 
     # ---- one request -----------------------------------------------------------------------------
     def generate(self, mi, *, stream: bool = False, speed: float = 1.0, key=None, records: Optional[list] = None,

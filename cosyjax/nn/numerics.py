@@ -12,23 +12,23 @@ from typing import Optional
 
 from cosyjax.errors import CosyJaxError
 
-__all__ = ["Numerics", "DTYPES", "ATTENTION_IMPLS"]
+__all__ = ["Numerics", "DTYPES"]
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 PRECISIONS = (None, "default", "high", "highest")
 
 
 @dataclasses.dataclass(frozen=True)
 class Numerics:
     dtype: str = "float32"  # LLM + flow matmul/conv compute dtype (also the LLM KV cache)
-    attention: str = "auto"  # cosyjax.nn.attention implementation
+    attention: str = "auto"  # cosyjax.nn.attention implementation: auto | xla | cudnn | pallas[_interpret][@gpu]
     hift_precision: Optional[str] = "highest"  # HiFT generator conv precision (None = jax's default)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise CosyJaxError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise CosyJaxError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        from cosyjax.nn.attention import parse_implementation
+
+        parse_implementation(self.attention)  # raises CosyJaxError naming the accepted values
         if self.hift_precision not in PRECISIONS:
             raise CosyJaxError(f"hift_precision must be one of {PRECISIONS}, got {self.hift_precision!r}")
