@@ -18,6 +18,7 @@ state = release(state, 0)                       # the slot is free for the next 
   exactly as `generate(..., cache_len=C)` lays out a batch of one (left-padded to its bucket), and each
   slot has its own key-derived draws, min/max length and stop, so a request's tokens equal a solo
   `generate(..., cache_len=C)` run with the same key.
+* `insert` and `step` donate the state's device buffers: always continue with the state they return.
 * The sampler ('ras' | 'greedy' | a sampler object) is fixed per pool (it is static in the program);
   keys, uniforms and lengths are per request.
 * Compilation: one insert program per prompt bucket, one loop program per pool (any n).
