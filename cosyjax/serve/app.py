@@ -27,7 +27,6 @@ import tempfile
 import time
 from typing import Optional
 
-import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -290,7 +289,7 @@ def create_app(tts, config: ServeConfig = ServeConfig()) -> FastAPI:
         return {"object": "list", "data": out}
 
     @app.post("/v1/audio/voices", status_code=201)
-    async def add_voice(request: Request, name: str = Form(...), file: UploadFile = File(...),
+    async def add_voice(name: str = Form(...), file: UploadFile = File(...),
                         ref_text: Optional[str] = Form(None)):
         check_voice_name(name)
         limit = config.max_upload_bytes
