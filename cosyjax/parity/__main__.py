@@ -113,10 +113,11 @@ def _status(r: Result) -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    head = f"{'version':<11} {'component':<9} {'output':<46} {'rel-L2':>10} {'max-abs':>10} {'tol':>8}  result"
+    w = max([9] + [len(r.component) for r in results])
+    head = f"{'version':<11} {'component':<{w}} {'output':<46} {'rel-L2':>10} {'max-abs':>10} {'tol':>8}  result"
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.version:<11} {r.component:<9} {r.output:<46} {r.rel_l2:>10.3e} {r.max_abs:>10.3e} "
+        lines.append(f"{r.version:<11} {r.component:<{w}} {r.output:<46} {r.rel_l2:>10.3e} {r.max_abs:>10.3e} "
                      f"{r.tol:>8.0e}  {_status(r)}" + (f"  ({r.note})" if r.note else ""))
     n_skip = sum(not r.checked for r in results)
     n_fail = sum(r.checked and not r.passed for r in results)
