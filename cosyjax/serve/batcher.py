@@ -68,7 +68,15 @@ class StreamTicket:
     def __init__(self, inputs: Sequence, keys: Sequence, emit: Callable[[str, Any], None]):
         self.inputs, self.keys, self.emit = list(inputs), list(keys), emit
         self._cancel = threading.Event()
-        self.gen: Optional[Iterator] = None
+        self.gen: Optional[Iterator] = None    # all segments' chunks (worker thread only)
+        self.first: Optional[Iterator] = None  # the first segment's iterator (closed even if never started)
+
+    def close(self) -> None:
+        """Stop the stream's work (worker thread): close the chunk generator and the first segment."""
+        for it in (self.gen, self.first):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -189,10 +197,32 @@ class Scheduler:
             j.future.set_result(np.concatenate(parts) if parts else np.zeros(0, np.float32))
 
     def _stream_gen(self, t: StreamTicket) -> Iterator[np.ndarray]:
-        for mi, key in zip(t.inputs, t.keys):
-            yield from self.open_stream(mi, key)
+        """All segments' chunks; the first segment is opened now (a slot pool inserts it at once)."""
+        first = self.open_stream(t.inputs[0], t.keys[0])
+
+        def chunks():
+            try:
+                yield from first
+            finally:
+                close = getattr(first, "close", None)
+                if close is not None:
+                    close()
+            for mi, key in zip(t.inputs[1:], t.keys[1:]):
+                yield from self.open_stream(mi, key)
+
+        return chunks(), first
 
     def _step_streams(self) -> None:
+        with self._cv:
+            streams = list(self._streams)
+        for t in streams:  # open every new stream before any runs: streams that arrive together decode together
+            if t.gen is None and not t.cancelled:
+                try:
+                    t.gen, t.first = self._stream_gen(t)
+                except Exception as e:  # this stream fails alone (e.g. its prompt does not fit a slot)
+                    with self._cv:
+                        self._streams.remove(t)
+                    t.emit("error", e)
         with self._cv:
             streams = list(self._streams)
         for t in streams:
@@ -202,8 +232,6 @@ class Scheduler:
                 self.cancelled_streams += 1
             else:
                 try:
-                    if t.gen is None:
-                        t.gen = self._stream_gen(t)
                     chunk = next(t.gen)
                     t.emit("chunk", np.asarray(chunk, np.float32).reshape(-1))
                 except StopIteration:
@@ -211,8 +239,7 @@ class Scheduler:
                 except Exception as e:  # this stream fails alone; the others continue
                     finished, error = True, e
             if finished:
-                if t.gen is not None:
-                    t.gen.close()
+                t.close()
                 with self._cv:
                     self._streams.remove(t)
                 if not t.cancelled:
@@ -237,6 +264,5 @@ class Scheduler:
         for j in jobs:
             j.future.set_exception(RuntimeError("server shutting down"))
         for t in streams:
-            if t.gen is not None:
-                t.gen.close()
+            t.close()
             t.emit("error", RuntimeError("server shutting down"))

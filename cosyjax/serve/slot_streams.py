@@ -50,25 +50,53 @@ class SlotStreams:
                 self._step()
 
     def open(self, mi, key) -> Iterator[np.ndarray]:
-        """Audio chunks float32 [1, n] of one streaming request (same as the engine's own stream)."""
+        """Audio chunks float32 [1, n] of one streaming request (same as the engine's own stream).
+
+        The request is inserted into a slot NOW (not at the first `next`), so streams opened together
+        decode in the same steps; the slot is released when the iterator ends or is closed."""
         free = self._slots.free_slots(self.state)
         if not free:
             self.solo_streams += 1
-            yield from self.engine.tts(mi, stream=True, key=key)
-            return
+            return self.engine.tts(mi, stream=True, key=key)
         slot = free[0]
         k_llm, _ = jax.random.split(key)  # the engine splits `key` the same way for its own LLM stream
         self.state = self._slots.insert(self.engine.params["llm"], self.engine.config.llm, self.state, slot,
                                         **self.engine.llm_inputs(mi), key=k_llm)
         self._buffers[slot] = collections.deque()
-        try:
-            yield from self.engine.tts(mi, stream=True, key=key, tokens=self._tokens(slot))
-        finally:
-            del self._buffers[slot]
-            self.state = self._slots.release(self.state, slot)
+        return _SlotStream(self, slot, self.engine.tts(mi, stream=True, key=key, tokens=self._tokens(slot)))
+
+    def _release(self, slot: int) -> None:
+        del self._buffers[slot]
+        self.state = self._slots.release(self.state, slot)
 
     def active(self) -> int:
         return len(self._buffers)
 
     def free_count(self) -> int:
         return len(self._slots.free_slots(self.state))
+
+
+class _SlotStream:
+    """Iterator over one slot stream's audio chunks; ending or `close()` releases the slot (exactly once,
+    also when it was never started: closing an unstarted generator would not run its cleanup)."""
+
+    def __init__(self, pool: SlotStreams, slot: int, chunks: Iterator[np.ndarray]):
+        self.pool, self.slot, self.chunks, self.open = pool, slot, chunks, True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if not self.open:
+            raise StopIteration
+        try:
+            return next(self.chunks)
+        except BaseException:  # StopIteration or an error: the slot is freed before it propagates
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.chunks.close()
+            self.pool._release(self.slot)
