@@ -78,3 +78,11 @@ def run(args) -> int:
     last = f"; last loss {losses[-1]:.4f}" if losses else ""
     print(f"fine-tuned {args.component} for {int(state.step)} steps on {len(utts)} utterances{last} -> {args.out}")
     return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register `finetune` on the main CLI's subparsers (dispatch: `args.finetune_run(args)`)."""
+    p = sub.add_parser("finetune", help="fine-tune the LLM or the flow (optax; full or LoRA)")
+    add_arguments(p)
+    p.set_defaults(finetune_run=run)
+    return p
