@@ -239,6 +239,16 @@ def main(argv=None) -> int:
             if s1 and s8 and s1["audio_s_per_s"] > 0:
                 print(f"streaming: audio s/s at 8 streams / 1 stream = {s8['audio_s_per_s'] / s1['audio_s_per_s']:.2f}"
                       " (target >= 3)")
+        import httpx
+
+        try:  # failures after a 200 (mid-stream) only the server sees
+            m = httpx.get(args.url + "/metrics", timeout=10).text
+            errs = [ln for ln in m.splitlines() if ln.startswith("cosyjax_stream_errors_total")]
+            print("server-side:", errs[0] if errs else "no stream error counter",
+                  "|", " ".join(ln for ln in m.splitlines() if ln.startswith('cosyjax_requests_total') and 'status="5' in ln)
+                  or "no 5xx counted")
+        except httpx.HTTPError as e:
+            print(f"could not read /metrics: {e}")
     finally:
         if args.json:
             with open(args.json, "w") as f:

@@ -228,3 +228,34 @@ def test_scheduler_streams_interleave_and_cancel_frees_the_stream():
         assert not done[9].is_set()  # a cancelled stream gets no done/error callback
     finally:
         s.stop()
+
+
+def test_a_stream_arriving_mid_round_waits_for_the_next_round():
+    """Regression: a stream added while the worker opens others must not be stepped before it is opened."""
+    calls = []
+    run_batch, _ = _fake_engine(calls)
+    events = {1: [], 2: []}
+    done = {1: threading.Event(), 2: threading.Event()}
+    holder = {}
+
+    def emit_for(k):
+        def emit(kind, value):
+            events[k].append(kind)
+            if kind != "chunk":
+                done[k].set()
+        return emit
+
+    def open_stream(mi, key):
+        if mi == 1:  # arrives exactly while the worker is opening stream 1
+            holder["s"].stream([2], [0], emit_for(2))
+        return iter([np.zeros((1, 2), np.float32)] * 2)
+
+    s = Scheduler(run_batch, open_stream)
+    holder["s"] = s
+    s.start()
+    try:
+        s.stream([1], [0], emit_for(1))
+        assert done[1].wait(5) and done[2].wait(5)
+        assert events[1] == ["chunk", "chunk", "done"] and events[2] == ["chunk", "chunk", "done"]
+    finally:
+        s.stop()

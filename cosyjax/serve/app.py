@@ -387,6 +387,7 @@ def _stream_response(svc: SpeechService, metrics: ServerMetrics, req: SpeechRequ
                 else:  # the status line is sent: report in-band (SSE) and end the body
                     finished = True
                     log.error("stream failed: %r", value)
+                    metrics.stream_errors.inc()
                     if sse:
                         yield sse_event({"type": "error", "error": {"message": str(value), "type": "server_error"}})
                     break

@@ -224,7 +224,7 @@ class Scheduler:
                         self._streams.remove(t)
                     t.emit("error", e)
         with self._cv:
-            streams = list(self._streams)
+            streams = [t for t in self._streams if t.gen is not None or t.cancelled]  # newcomers open next round
         for t in streams:
             finished, error = False, None
             if t.cancelled:

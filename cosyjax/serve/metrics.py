@@ -28,6 +28,8 @@ class ServerMetrics:
         self.audio_seconds = Counter("cosyjax_audio_seconds", "seconds of audio produced", ["mode"], registry=r)
         self.streams_cancelled = Counter("cosyjax_streams_cancelled", "streams dropped because the client left",
                                          registry=r)
+        self.stream_errors = Counter("cosyjax_stream_errors", "streams that failed after their 200 was sent",
+                                     registry=r)
         self.active_streams = Gauge("cosyjax_active_streams", "streams being synthesised", registry=r)
         self.queue_depth = Gauge("cosyjax_queue_segments", "non-streaming segments waiting for a batch", registry=r)
 
