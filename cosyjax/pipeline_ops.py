@@ -2,7 +2,6 @@
 
 * `silent_keep_mask` / `compact_tokens`: CosyVoice3's silent-token filter (`llm_job`: at most 5
   consecutive silent tokens reach the flow) on padded token batches, without host loops.
-* `length_mask`: `[B, T]` validity mask from lengths.
 * `resize_linear`: `F.interpolate(mode='linear', align_corners=False)` along time with a traced
   output length (for `speed` in the batched path).
 """
@@ -13,12 +12,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from cosyjax.nn.layers import length_mask
+
 __all__ = ["length_mask", "silent_keep_mask", "compact_tokens", "filter_silent_batch", "resize_linear"]
 
 
-def length_mask(lengths, T: int):
-    """lengths [B] -> bool [B, T] (True = valid)."""
-    return jnp.arange(T)[None, :] < jnp.asarray(lengths)[:, None]
+
 
 
 def silent_keep_mask(tokens, lengths, silent_tokens: Sequence[int], max_run: int = 5):

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from cosyjax.nn.layers import length_mask
+
 __all__ = ["padding_mask", "chunk_mask", "add_optional_chunk_mask", "attention_mask", "fix_empty_rows"]
 
 
-def padding_mask(lengths, T: int):
-    """lengths [B] int -> [B, T] bool, True for positions < length."""
-    lengths = jnp.asarray(lengths)
-    return jnp.arange(T)[None, :] < lengths.reshape(-1, 1)
+padding_mask = length_mask  # `~make_pad_mask(lengths, T)`: the one padding mask (cosyjax.nn.layers)
 
 
 def chunk_mask(T: int, chunk: int):

@@ -15,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cosyjax.nn.layers import length_mask
+
 from cosyjax.hift.config import HiFTConfig, causal_padding
 from cosyjax.hift.conv import CausalConvUpsample, Conv1d, ConvTranspose1d, masked
 from cosyjax.hift.f0_predictor import F0Predictor
@@ -29,8 +31,7 @@ def time_mask(lengths, n_frames: int, per_frame: int = 1, extra: int = 0):
     """[B, n_frames, 1] bool: frame < lengths*per_frame + extra; None when lengths is None."""
     if lengths is None:
         return None
-    valid = lengths.astype(jnp.int32) * per_frame + extra
-    return jnp.arange(n_frames, dtype=jnp.int32)[None, :, None] < valid[:, None, None]
+    return length_mask(lengths.astype(jnp.int32) * per_frame + extra, n_frames)[..., None]
 
 
 class HiFTGenerator(nn.Module):

@@ -29,7 +29,6 @@ stay float32. Blocks are stacked with `nn.scan` (parameters carry a leading `dep
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -41,6 +40,8 @@ from cosyjax.flow.cv3.config import FlowCV3Config
 from cosyjax.flow.inputs import FlowInputError
 from cosyjax.flow.masks import attention_mask, fix_empty_rows
 from cosyjax.nn.attention import attention
+from cosyjax.nn.layers import layer_norm as _layer_norm
+from cosyjax.nn.layers import mish, sinusoidal_embedding
 
 __all__ = ["DiT", "DiTBlock", "DiTCache", "DiTCacheUpdate", "cached_attention_mask", "rope_inv_freq", "rope_tables",
            "apply_rope_interleaved", "timestep_sinusoid",
@@ -50,26 +51,11 @@ LN_EPS = 1e-6
 
 
 def layer_norm(x, eps: float = LN_EPS):
-    """LayerNorm over the last axis without affine, in float32 (two-pass variance, like torch)."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    xc = x - mean
-    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-    return xc * jax.lax.rsqrt(var + eps)
+    """LayerNorm over the last axis without affine, float32 statistics (`cosyjax.nn.layers.layer_norm`, eps 1e-6)."""
+    return _layer_norm(x, eps)
 
 
-def mish(x):
-    """x * tanh(softplus(x)) in float32, returned in x's dtype."""
-    xf = x.astype(jnp.float32)
-    return (xf * jnp.tanh(jax.nn.softplus(xf))).astype(x.dtype)
-
-
-def timestep_sinusoid(t, dim: int, scale: float = 1000.0):
-    """t [B] -> [B, dim] float32: [sin, cos] of scale*t*exp(-i ln(1e4)/(dim/2 - 1)) (`SinusPositionEmbedding`)."""
-    half = dim // 2
-    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1))).astype(np.float32)
-    arg = (jnp.float32(scale) * t.astype(jnp.float32))[:, None] * jnp.asarray(freqs)[None, :]
-    return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
+timestep_sinusoid = sinusoidal_embedding  # `SinusPositionEmbedding` (256-d, scale 1000): the shared layer
 
 
 def rope_inv_freq(dim_head: int, base: float = 10000.0) -> np.ndarray:

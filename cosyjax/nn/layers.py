@@ -1,0 +1,62 @@
+"""Small layers every model shares (pure functions; flax modules wrap them where parameters are involved).
+
+* `layer_norm(x, eps)`: LayerNorm over the last axis without affine, statistics in float32 (two-pass
+  variance, like torch) — the DiT's norms; the Conformer / U-Net norms are flax `nn.LayerNorm` with the
+  same float32 statistics (`LayerNormF32`).
+* `mish(x)`: x * tanh(softplus(x)) in float32, returned in x's dtype (DiT conv-pos, U-Net blocks).
+* `sinusoidal_embedding(t, dim, scale)`: [sin, cos] flow-time embedding (DiT 256-d, U-Net 320-d).
+* `length_mask(lengths, T)`: [B, T] validity mask (True = valid), the one padding mask.
+* `causal_pad(x, k, dilation)`: left zero padding of (k-1)*dilation frames along time ([B, T, C]).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["layer_norm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad"]
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """x [..., C] -> float32 [..., C]: LayerNorm without affine, float32 two-pass statistics."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mean
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    return xc * jax.lax.rsqrt(var + eps)
+
+
+def LayerNormF32(eps: float, name: str) -> nn.LayerNorm:  # noqa: N802 - a module factory
+    """flax LayerNorm (with affine) whose statistics are float32 two-pass (torch's), whatever the input dtype."""
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+def mish(x):
+    """x -> x * tanh(softplus(x)) computed in float32, in x's dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf * jnp.tanh(jax.nn.softplus(xf))).astype(x.dtype)
+
+
+def sinusoidal_embedding(t, dim: int, scale: float = 1000.0):
+    """t [B] -> float32 [B, dim] = [sin(scale t w), cos(scale t w)], w_i = exp(-i ln(1e4) / (dim/2 - 1)).
+
+    (Matcha `SinusoidalPosEmb` / F5 `SinusPositionEmbedding`; the frequencies are float32 constants.)"""
+    if dim % 2 or dim < 4:
+        raise ValueError(f"sinusoidal embedding needs an even dim >= 4, got {dim}")
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1))).astype(np.float32)
+    arg = (jnp.float32(scale) * jnp.asarray(t, jnp.float32).reshape(-1))[:, None] * jnp.asarray(freqs)[None, :]
+    return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
+
+
+def length_mask(lengths, T: int):
+    """lengths [B] int -> bool [B, T], True for positions < length."""
+    return jnp.arange(T)[None, :] < jnp.asarray(lengths).reshape(-1, 1)
+
+
+def causal_pad(x, kernel_size: int, dilation: int = 1):
+    """x [B, T, C] -> [B, T + (k-1)*d, C]: zeros on the left, so a VALID conv is causal."""
+    return jnp.pad(x, ((0, 0), ((kernel_size - 1) * dilation, 0), (0, 0)))
