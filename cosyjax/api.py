@@ -23,12 +23,11 @@ from __future__ import annotations
 from cosyjax.errors import CosyJaxError
 
 import collections.abc
-import dataclasses
 import logging
 import os
 import sys
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 

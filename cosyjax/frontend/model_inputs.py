@@ -23,7 +23,6 @@ split the text, then yield one model input per segment (prompt features computed
 from __future__ import annotations
 
 import collections.abc
-import dataclasses
 import logging
 import os
 from typing import Iterator

@@ -18,86 +18,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cosyjax.llm import kv_cache as kvc
 from cosyjax.llm.config import LLMConfig
 from cosyjax.nn.attention import attention
+from cosyjax.nn.layers import Embedding, Linear, RMSNorm
+from cosyjax.nn.rotary import apply_rope, rope_cos_sin, rope_inv_freq
 
 __all__ = ["Embedding", "Linear", "RMSNorm", "Qwen2Model", "rope_inv_freq", "rope_cos_sin", "apply_rope"]
-
-_INIT = nn.initializers.normal(0.02)
-
-
-class Linear(nn.Module):
-    """x `[..., in]` -> `[..., out]`; kernel `[in, out]` (+ bias), inputs in `dtype`, result in
-    `out_dtype` (default `dtype`; 'float32' accumulates and returns float32, e.g. for the logits)."""
-
-    features: int
-    use_bias: bool = True
-    dtype: str = "float32"
-    out_dtype: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        dt = jnp.dtype(self.dtype)
-        ot = jnp.dtype(self.out_dtype or self.dtype)
-        kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(x.astype(dt), kernel.astype(dt), preferred_element_type=ot).astype(ot)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(ot)
-        return y
-
-
-class Embedding(nn.Module):
-    """ids `[...]` -> `[..., dim]` rows of `embedding [num, dim]`, cast to `dtype`."""
-
-    num: int
-    dim: int
-    dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, ids):
-        table = self.param("embedding", _INIT, (self.num, self.dim), jnp.float32)
-        return jnp.take(table, ids, axis=0).astype(jnp.dtype(self.dtype))
-
-
-class RMSNorm(nn.Module):
-    """HF Qwen2RMSNorm: statistics in float32, `scale * normed.astype(x.dtype)`."""
-
-    eps: float
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        xf = x.astype(jnp.float32)
-        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-        y = (xf * jax.lax.rsqrt(var + jnp.float32(self.eps))).astype(x.dtype)
-        return scale.astype(x.dtype) * y
-
-
-def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """`1 / theta^(2i/D)` `[D/2]` float32, evaluated like HF (f32 exponent, correctly rounded power)."""
-    expo = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    denom = np.power(np.float64(theta), expo.astype(np.float64)).astype(np.float32)
-    return (np.float32(1.0) / denom).astype(np.float32)
-
-
-def rope_cos_sin(positions, head_dim: int, theta: float):
-    """positions `[B, T]` int -> cos, sin `[B, T, D]` float32 (halves duplicated, HF layout)."""
-    inv = jnp.asarray(rope_inv_freq(head_dim, theta))
-    ang = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
-    ang = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(ang), jnp.sin(ang)
-
-
-def apply_rope(x, cos, sin):
-    """x `[B, T, N, D]` rotated by rotate-half RoPE (float32 math, result in x's dtype)."""
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
-
 
 class Qwen2Attention(nn.Module):
     cfg: LLMConfig

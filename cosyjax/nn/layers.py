@@ -7,6 +7,8 @@
 * `sinusoidal_embedding(t, dim, scale)`: [sin, cos] flow-time embedding (DiT 256-d, U-Net 320-d).
 * `length_mask(lengths, T)`: [B, T] validity mask (True = valid), the one padding mask.
 * `causal_pad(x, k, dilation)`: left zero padding of (k-1)*dilation frames along time ([B, T, C]).
+* `Linear`, `Embedding`, `RMSNorm`: the Qwen2 backbone's layers (explicit compute / output dtypes; RMSNorm
+  statistics in float32); the flows use flax `nn.Dense` / `nn.Embed` with an explicit `dtype`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["layer_norm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad"]
+__all__ = ["layer_norm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad", "Linear",
+           "Embedding", "RMSNorm"]
 
 
 def layer_norm(x, eps: float = 1e-6):
@@ -60,3 +63,53 @@ def length_mask(lengths, T: int):
 def causal_pad(x, kernel_size: int, dilation: int = 1):
     """x [B, T, C] -> [B, T + (k-1)*d, C]: zeros on the left, so a VALID conv is causal."""
     return jnp.pad(x, ((0, 0), ((kernel_size - 1) * dilation, 0), (0, 0)))
+
+
+_INIT = nn.initializers.normal(0.02)
+
+
+class Linear(nn.Module):
+    """x `[..., in]` -> `[..., out]`; kernel `[in, out]` (+ bias), inputs in `dtype`, result in
+    `out_dtype` (default `dtype`; 'float32' accumulates and returns float32, e.g. for the logits)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: str = "float32"
+    out_dtype: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        dt = jnp.dtype(self.dtype)
+        ot = jnp.dtype(self.out_dtype or self.dtype)
+        kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), jnp.float32)
+        y = jnp.dot(x.astype(dt), kernel.astype(dt), preferred_element_type=ot).astype(ot)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(ot)
+        return y
+
+
+class Embedding(nn.Module):
+    """ids `[...]` -> `[..., dim]` rows of `embedding [num, dim]`, cast to `dtype`."""
+
+    num: int
+    dim: int
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("embedding", _INIT, (self.num, self.dim), jnp.float32)
+        return jnp.take(table, ids, axis=0).astype(jnp.dtype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+    """HF Qwen2RMSNorm: statistics in float32, `scale * normed.astype(x.dtype)`."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + jnp.float32(self.eps))).astype(x.dtype)
+        return scale.astype(x.dtype) * y

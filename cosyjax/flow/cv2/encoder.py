@@ -27,13 +27,12 @@ from cosyjax.flow.cv2.config import EncoderCV2Config
 from cosyjax.flow.cv2.rel_attention import RelPositionMultiHeadedAttention, rel_pos_table
 from cosyjax.flow.masks import attention_mask, padding_mask
 from cosyjax.flow.pre_lookahead import PreLookaheadLayer
+from cosyjax.nn.layers import LayerNormF32
 
 __all__ = ["LinearEmbed", "ConformerLayer", "EncoderUpsample1D", "EncoderWindow", "UpsampleConformerEncoder"]
 
 
-def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
-    # statistics in float32 (two-pass variance, like torch), whatever the compute dtype
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
+_layer_norm = LayerNormF32  # float32 two-pass statistics, whatever the compute dtype
 
 
 class LinearEmbed(nn.Module):

@@ -19,7 +19,6 @@ gives identical weights on every row that has a valid key and stays finite in an
 """
 from __future__ import annotations
 
-import math
 
 from typing import NamedTuple
 
@@ -30,28 +29,14 @@ import jax.numpy as jnp
 from cosyjax.flow.cv2.config import UNetConfig
 from cosyjax.flow.masks import attention_mask
 from cosyjax.nn.attention import attention
+from cosyjax.nn.layers import LayerNormF32, causal_pad, mish, sinusoidal_embedding
 
 __all__ = ["sinusoidal_time_embedding", "mish", "CausalBlock1D", "CausalResnetBlock1D", "BasicTransformerBlock",
            "MidBlock", "CausalConditionalDecoder", "UNetWindow"]
 
 
-def mish(x):
-    return x * jnp.tanh(jax.nn.softplus(x))
-
-
-def sinusoidal_time_embedding(t, dim: int, scale: float = 1000.0) -> jax.Array:
-    """Matcha `SinusoidalPosEmb`: t [B] -> float32 [B, dim] = [sin(scale t w), cos(scale t w)],
-    w_i = exp(-i ln(10000) / (dim/2 - 1))."""
-    if dim % 2 or dim < 4:
-        raise ValueError(f"sinusoidal time embedding needs an even dim >= 4, got {dim}")
-    half = dim // 2
-    w = jnp.exp(jnp.arange(half, dtype=jnp.float32) * jnp.float32(-(math.log(10000) / (half - 1))))
-    arg = (jnp.float32(scale) * jnp.asarray(t, jnp.float32).reshape(-1))[:, None] * w[None, :]
-    return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
-
-
-def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
+sinusoidal_time_embedding = sinusoidal_embedding  # Matcha `SinusoidalPosEmb` (320-d, scale 1000): the shared layer
+_layer_norm = LayerNormF32
 
 
 def _causal_conv(x, features: int, k: int, dtype, name: str, left=None, commit=None):
@@ -61,7 +46,7 @@ def _causal_conv(x, features: int, k: int, dtype, name: str, left=None, commit=N
     (out, the k-1 input frames before row `commit` of x, the next call's `left`).
     """
     if left is None:
-        xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
+        xp = causal_pad(x, k)
     else:
         if left.shape != (x.shape[0], k - 1, x.shape[2]):
             raise ValueError(f"causal conv {name}: left context must be {(x.shape[0], k - 1, x.shape[2])}, "
