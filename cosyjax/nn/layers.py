@@ -50,7 +50,9 @@ def sinusoidal_embedding(t, dim: int, scale: float = 1000.0):
     if dim % 2 or dim < 4:
         raise ValueError(f"sinusoidal embedding needs an even dim >= 4, got {dim}")
     half = dim // 2
-    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1))).astype(np.float32)
+    # float32 exponent, exp correctly rounded (torch's vectorised exp is ulp-accurate; numpy's float32 exp is not)
+    expo = np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1))
+    freqs = np.exp(expo.astype(np.float64)).astype(np.float32)
     arg = (jnp.float32(scale) * jnp.asarray(t, jnp.float32).reshape(-1))[:, None] * jnp.asarray(freqs)[None, :]
     return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
 

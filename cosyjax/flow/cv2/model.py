@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from cosyjax.flow.cv2.config import FlowCV2Config
 from cosyjax.flow.cv2.encoder import UpsampleConformerEncoder
 from cosyjax.flow.cv2.unet import CausalConditionalDecoder
-from cosyjax.flow.conditioning import l2_normalize_speaker, masked_token_embedding
+from cosyjax.flow.conditioning import FlowModule
 from cosyjax.flow.inference import make_flow_inference, solve_and_strip_prompt
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, FlowInputError, bucket_for, pack_inputs
 from cosyjax.flow.masks import padding_mask
@@ -34,28 +34,17 @@ __all__ = ["FlowCV2", "FlowInputError", "flow_inference", "flow_core", "DEFAULT_
            "init_params", "pack_inputs", "cast_matmul_weights"]
 
 
-class FlowCV2(nn.Module):
+class FlowCV2(FlowModule):
     """All CV2 flow parameters; methods `speaker`, `encode`, `estimate` are used by `flow_core`."""
 
     cfg: FlowCV2Config
-    dtype: jnp.dtype = jnp.float32
-    attention_impl: str = "auto"
 
     def setup(self):
         c = self.cfg
-        self.input_embedding = nn.Embed(c.vocab_size, c.input_size, name="input_embedding")
-        self.spk_embed_affine_layer = nn.Dense(c.output_size, name="spk_embed_affine_layer")
+        self.setup_conditioning()
         self.encoder = UpsampleConformerEncoder(c.encoder, self.dtype, self.attention_impl, name="encoder")
         self.encoder_proj = nn.Dense(c.output_size, name="encoder_proj")  # float32: mu feeds the ODE
         self.estimator = CausalConditionalDecoder(c.unet, self.dtype, self.attention_impl, name="estimator")
-
-    def speaker(self, embedding):
-        """embedding [B, 192] -> spks [B, 80] float32 (`F.normalize`, eps 1e-12, then the affine layer)."""
-        return self.spk_embed_affine_layer(l2_normalize_speaker(embedding))
-
-    def token_embedding(self, tokens, n_tokens):
-        """tokens [B, N] int, n_tokens [B] -> [B, N, D] float32, zero after each row's length."""
-        return masked_token_embedding(self.input_embedding, tokens, n_tokens, self.cfg.vocab_size)
 
     def encoder_hidden(self, tokens, n_tokens, n_encoded, streaming: bool = False):
         """tokens [B, N], n_tokens [B] (incl. look-ahead context), n_encoded [B] (= n_tokens, or

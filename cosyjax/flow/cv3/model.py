@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cosyjax.flow.cv3.config import FlowCV3Config
 from cosyjax.flow.cv3.dit import DiT
-from cosyjax.flow.conditioning import l2_normalize_speaker, masked_token_embedding
+from cosyjax.flow.conditioning import FlowModule
 from cosyjax.flow.inference import make_flow_inference, solve_and_strip_prompt
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, FlowInputError, bucket_for, pack_inputs
 from cosyjax.flow.masks import padding_mask
@@ -33,28 +32,17 @@ __all__ = ["FlowCV3", "FlowInputError", "flow_inference", "flow_core", "DEFAULT_
            "init_params", "pack_inputs", "cast_matmul_weights"]
 
 
-class FlowCV3(nn.Module):
+class FlowCV3(FlowModule):
     """All CV3 flow parameters; methods `embed`, `speaker`, `estimate` are used by `flow_core`."""
 
     cfg: FlowCV3Config
-    dtype: jnp.dtype = jnp.float32
-    attention_impl: str = "auto"
 
     def setup(self):
         c = self.cfg
-        self.input_embedding = nn.Embed(c.vocab_size, c.input_size, name="input_embedding")
-        self.spk_embed_affine_layer = nn.Dense(c.output_size, name="spk_embed_affine_layer")
+        self.setup_conditioning()
         self.pre_lookahead_layer = PreLookaheadLayer(c.pre_lookahead_channels, c.pre_lookahead_len, self.dtype,
                                                      name="pre_lookahead_layer")
         self.estimator = DiT(c, self.dtype, self.attention_impl, name="estimator")
-
-    def speaker(self, embedding):
-        """embedding [B, 192] -> spks [B, 80] float32 (`F.normalize`, eps 1e-12, then the affine layer)."""
-        return self.spk_embed_affine_layer(l2_normalize_speaker(embedding))
-
-    def token_embedding(self, tokens, n_tokens):
-        """tokens [B, N] int, n_tokens [B] -> [B, N, 80] float32, zero after each row's length."""
-        return masked_token_embedding(self.input_embedding, tokens, n_tokens, self.cfg.vocab_size)
 
     def embed(self, tokens, n_tokens):
         """tokens [B, N], n_tokens [B] -> (embedding [B, N, 80], mu [B, N*ratio, 80]) float32.
