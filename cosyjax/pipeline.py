@@ -454,8 +454,11 @@ class Engine:
             yield out["tts_speech"]
 
     # ---- streaming stages --------------------------------------------------------------------------
-    def flow_stage(self, m: ModelInput, incremental: bool):
+    def flow_stage(self, m, incremental: bool):
+        """The streaming flow stage of one model input (`ModelInput` or upstream dict): `chunk()` / `final()`."""
         from cosyjax.streaming import RecomputeFlow
+
+        m = ModelInput.from_dict(m, self.config.flow.token_mel_ratio)
 
         num = self.config.numerics
         args = (self.params["flow"], self.config.flow, m.flow_prompt_speech_token, m.prompt_speech_feat,
