@@ -1,4 +1,4 @@
-"""Execute the notebooks (`notebooks/quickstart.ipynb`, `notebooks/parity.ipynb`) with nbclient."""
+"""Execute the notebooks (quickstart, parity walk-through, fine-tuning) with nbclient."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from tests.conftest import GOLDEN
 NB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "parity.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "parity.ipynb", "finetune.ipynb"])
 def test_notebook_runs(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -24,9 +24,13 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(os.path.join(NB_DIR, name), as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": NB_DIR}})
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": NB_DIR}})
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     # every code cell ran
     assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    if name == "finetune.ipynb":  # the notebook prints "loss A -> B" over its fine-tuning run
+        text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+        first, last = (float(x) for x in text.split("loss ")[1].split("\n")[0].split(" -> "))
+        assert last < first
