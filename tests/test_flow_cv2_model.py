@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cosyjax.flow.cv2.model import FlowCV2, FlowInputError, cast_matmul_weights, flow_inference
+from cosyjax.nn.attention import AttnSpec
 from cosyjax.flow.cv2.rel_attention import RelPositionMultiHeadedAttention, rel_pos_table, rel_shift
 from tests.conftest import GOLDEN
 from tests.flow_helpers import channels_last as _t, flow_inputs as _inputs
@@ -53,8 +54,9 @@ def test_rel_pos_table_and_shift():
     np.testing.assert_array_equal(got, x[..., i, T - 1 - i + j])
 
 
-def _rel_attention_reference(p, x, key_mask):
-    """float64 NumPy: score[i,j] = ((q_i+u).k_j + (q_i+v).P(i-j)) / sqrt(dk), masked softmax."""
+def _rel_attention_reference(p, x, key_mask, chunk: int = 0):
+    """float64 NumPy: score[i,j] = ((q_i+u).k_j + (q_i+v).P(i-j)) / sqrt(dk), masked softmax
+    (key_mask [B, T]; `chunk` > 0 adds the block-causal rule j < (i // chunk + 1) * chunk)."""
     B, T, D = x.shape
     H = p["pos_bias_u"].shape[0]
     dk = D // H
@@ -70,26 +72,46 @@ def _rel_attention_reference(p, x, key_mask):
     pp = lin("linear_pos", pe).reshape(T, T, H, dk)
     u, vb = np.asarray(p["pos_bias_u"], np.float64), np.asarray(p["pos_bias_v"], np.float64)
     s = (np.einsum("bihd,bjhd->bhij", q + u, k) + np.einsum("bihd,ijhd->bhij", q + vb, pp)) / math.sqrt(dk)
-    s = np.where(key_mask[:, None, None, :], s, -np.inf)
+    m = np.broadcast_to(key_mask[:, None, None, :], s.shape)
+    if chunk:
+        m = m & (np.arange(T)[None, :] < (np.arange(T) // chunk + 1)[:, None] * chunk)[None, None]
+    s = np.where(m, s, -np.inf)
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     o = np.einsum("bhij,bjhd->bihd", a, v).reshape(B, T, D)
     return lin("linear_out", o)
 
 
-def test_rel_position_attention_matches_reference():
-    B, T, D, H = 2, 7, 16, 2
-    mod = RelPositionMultiHeadedAttention(H, D)
+def _rel_attention_case(chunk: int, T: int = 7):
+    B, D, H = 2, 16, 2
+    mod = RelPositionMultiHeadedAttention(H, D, chunk_size=chunk)
     x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
     pos = rel_pos_table(T, D)
     params = mod.init(jax.random.PRNGKey(1), x, pos)["params"]
     keys = jax.random.split(jax.random.PRNGKey(2), 2)
     params = dict(params, pos_bias_u=jax.random.normal(keys[0], (H, D // H)),
                   pos_bias_v=jax.random.normal(keys[1], (H, D // H)))
-    key_mask = np.arange(T)[None, :] < np.array([[T], [4]])
-    got = jax.jit(mod.apply)({"params": params}, x, pos, jnp.asarray(key_mask)[:, None, None, :])
+    return mod, params, x, pos, np.arange(T)[None, :] < np.array([[T], [4]])
+
+
+def test_rel_position_attention_matches_reference():
+    mod, params, x, pos, key_mask = _rel_attention_case(0)
+    spec = AttnSpec(jnp.asarray(key_mask)[:, None, None, :])
+    got = jax.jit(mod.apply)({"params": params}, x, pos, spec)
     want = _rel_attention_reference(params, np.asarray(x), key_mask)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [7, 23])
+def test_rel_position_attention_chunked_matches_reference(T):
+    """Streaming: the position term goes to `attention` as a RelPos and is computed per tile."""
+    chunk = 3
+    mod, params, x, pos, key_mask = _rel_attention_case(chunk, T)
+    spec = AttnSpec(kv_lengths=jnp.asarray(key_mask.sum(-1), jnp.int32))
+    got = np.asarray(jax.jit(mod.apply)({"params": params}, x, pos, spec))
+    want = _rel_attention_reference(params, np.asarray(x), key_mask, chunk)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1, :4], want[1, :4], rtol=1e-5, atol=1e-5)  # rows past length 4: padding
 
 
 # ---- golden parity --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 streaming chunks reproduce earlier frames, no recompilation within a bucket, batch rows equal batch-1 calls."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -72,3 +73,18 @@ def test_batch_rows_match_single_calls(flow):
         assert int(mel_len[b]) == int(one_len[0]) == 2 * n
         np.testing.assert_allclose(np.asarray(mel)[b, :2 * n], np.asarray(one)[0], atol=2e-5)
         np.testing.assert_array_equal(np.asarray(mel)[b, 2 * n:], 0.0)
+
+
+@pytest.mark.parametrize("C", [64, 80, 192, 1024])
+def test_feature_mean_does_not_depend_on_the_row_count(C):
+    """XLA's CPU row reductions change their order with the number of rows; `feature_mean` must not (exact
+    incremental streaming computes the same frames among different numbers of rows)."""
+    from cosyjax.nn.layers import feature_mean, layer_norm
+    x = np.random.default_rng(C).normal(size=(2, 96, C)).astype(np.float32) * 3 + 1
+    f = jax.jit(feature_mean)
+    g = jax.jit(layer_norm)
+    full_f, full_g = np.asarray(f(x)), np.asarray(g(x))
+    for M in (1, 8, 9, 24, 50, 55, 64, 95):
+        assert np.array_equal(np.asarray(f(x[:, :M])), full_f[:, :M]), M
+        assert np.array_equal(np.asarray(g(x[:, :M])), full_g[:, :M]), M
+    np.testing.assert_allclose(full_f[..., 0], x.astype(np.float64).mean(-1), rtol=1e-6, atol=1e-6)

@@ -1,7 +1,7 @@
 """The one attention function used by every attention layer (DiT, U-Net, Conformer, Qwen2).
 
-`attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, chunk_size=0, scale=None,
-implementation='auto') -> [B, T, H, D]`
+`attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, chunk_size=0, q_offset=None,
+rel_pos=None, scale=None, implementation='auto') -> [B, T, H, D]`
 
 * q: `[B, T, H, D]`; k, v: `[B, S, K, D]` with K dividing H (grouped-query attention: query head h
   uses key/value head h // (H // K)).
@@ -10,6 +10,9 @@ implementation='auto') -> [B, T, H, D]`
   flows' streaming chunk mask (block-causal, full left context: query i sees key j iff
   j < (i // C + 1) * C) without the caller materialising `[T, S]`; `bias` is an additive float bias
   broadcastable to `[B, H, T, S]` (e.g. relative-position scores). All given masks are AND-ed.
+* `q_offset` (traced int): the queries sit at absolute positions q_offset + [0, T) for the chunk rule
+  (new frames against a key cache). `rel_pos` (`RelPos`): a relative-position score term
+  q_r[i] . table[zero - (i_abs - j)] (the CV2 Conformer's `matrix_bd`) instead of a dense bias.
 * A query row whose keys are all masked (or a padded query row) returns exactly zeros, on every
   implementation — never NaN, never a uniform average of V.
 
@@ -17,7 +20,10 @@ implementation='auto') -> [B, T, H, D]`
 an alias of 'gpu') names the target the decision is made for instead of `jax.default_backend()` —
 needed when lowering for CUDA on a machine without a GPU (`bench/gpu_lowering.py` uses 'auto@gpu').
 * `xla` — reference and CPU path: logits and softmax in float32 whatever the input dtype, masks
-  applied with `where` and a finite minimum, denominators guarded. Never yields NaN/Inf.
+  applied with `where` and a finite minimum, denominators guarded. Never yields NaN/Inf. With a chunk
+  rule (and no dense mask / bias) it runs in fixed-shape [C, C*4] tiles with an online softmax
+  (`_xla_chunked_attention`): bit-identical rows with or without a cache, and with `q_offset` only the
+  key blocks below the valid prefix are visited — what the flows' exact incremental streaming needs.
 * `cudnn` — `jax.nn.dot_product_attention(implementation='cudnn')`: GPU, bf16/fp16, head dim a
   multiple of 8 and <= 128. Lengths alone go to cuDNN's padding mask; any other mask is broadcast to
   a full `[B, 1|H, T, S]` mask (cuDNN rejects `[B, 1, 1, S]`) and added as a bias.
@@ -41,7 +47,7 @@ import jax.numpy as jnp
 from cosyjax.errors import CapabilityError, CosyJaxError
 from cosyjax.nn import pallas_attention as pa
 
-__all__ = ["attention", "attention_reference_mask", "block_causal_mask", "choose_implementation",
+__all__ = ["attention", "AttnSpec", "RelPos", "rel_shift", "attention_reference_mask", "block_causal_mask", "choose_implementation",
            "parse_implementation", "AttentionCall", "IMPLEMENTATIONS", "PLATFORMS", "XLA_SCOPE"]
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
@@ -72,6 +78,56 @@ class AttentionCall(NamedTuple):
     has_bias: bool
     has_lengths: bool
     chunk_size: int
+
+
+class AttnSpec(NamedTuple):
+    """Masking for a layer's `attention` calls, as a pytree that can ride through `nn.scan` (the chunk size
+    stays a static module attribute): a dense boolean `mask`, and/or key lengths [B] and the absolute
+    position of query 0 (a cache) for the chunk rule. `attention(..., **spec.kwargs(chunk))`."""
+
+    mask: jax.Array | None = None
+    kv_lengths: jax.Array | None = None
+    q_offset: jax.Array | None = None
+
+    def kwargs(self, chunk_size: int) -> dict:
+        return {"mask": self.mask, "kv_lengths": self.kv_lengths, "q_offset": self.q_offset,
+                "chunk_size": chunk_size}
+
+
+class RelPos(NamedTuple):
+    """A relative-position score term (Espnet/Transformer-XL `matrix_bd`): score[i, j] gets
+    q[b, i, h] . table[zero - (i_abs - j), h] (times `scale`, like q.k), i_abs = q_offset + i.
+    q [B, T, H, D] (the query plus its position bias), table [R, H, D] (row `zero` = relative position 0,
+    rows below it positive i - j); `zero` is a static int."""
+
+    q: jax.Array
+    table: jax.Array
+    zero: int
+
+
+def rel_shift(x: jax.Array) -> jax.Array:
+    """[..., T, T+S-1] scores against consecutive relative-position rows -> [..., T, S], out[i, j] = x[i, T-1-i+j].
+
+    Pure pads, reshapes and slices (upstream's zero-pad trick), no gather.
+    """
+    *lead, T, P = x.shape
+    S = P - T + 1
+    if S < 1:
+        raise ValueError(f"rel_shift expects [..., T, T+S-1] with S >= 1, got {x.shape}")
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])  # [..., T, P+1]
+    x = x.reshape(*lead, T * (P + 1))[..., T:]  # dropping T entries shifts row i left by T-1-i
+    return x.reshape(*lead, T, P)[..., :S]
+
+
+def _rel_pos_dense_bias(rel: RelPos, S: int, q_offset, scale: float):
+    """The RelPos term as a dense additive bias [B, H, T, S] (paths other than the tiled one)."""
+    T = rel.q.shape[1]
+    e = jnp.einsum("bthd,rhd->bhtr", rel.q, rel.table, preferred_element_type=jnp.float32)
+    off = jnp.int32(0) if q_offset is None else jnp.asarray(q_offset, jnp.int32)
+    idx = rel.zero - (off + jnp.arange(T, dtype=jnp.int32))[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
+    idx = jnp.clip(idx, 0, rel.table.shape[0] - 1)  # out-of-table pairs are masked by the caller
+    e = jnp.take_along_axis(e, jnp.broadcast_to(idx, e.shape[:2] + idx.shape), axis=-1)
+    return e * jnp.float32(scale)
 
 
 def parse_implementation(implementation: str) -> tuple[str, str | None]:
@@ -168,11 +224,16 @@ def _check_bias(bias, B, H, T, S):
     return bias
 
 
-def attention_reference_mask(B, H, T, S, mask=None, q_lengths=None, kv_lengths=None, chunk_size: int = 0):
+def attention_reference_mask(B, H, T, S, mask=None, q_lengths=None, kv_lengths=None, chunk_size: int = 0,
+                             q_offset=None):
     """The combined boolean mask `[B|1, H|1, T|1, S]` (or None) that `attention` applies."""
     m = None if mask is None else _check_mask(mask, B, H, T, S)
     if chunk_size:
-        cm = block_causal_mask(T, S, chunk_size)[None, None]
+        if q_offset is None:
+            cm = block_causal_mask(T, S, chunk_size)[None, None]
+        else:  # queries at absolute positions q_offset + [0, T)
+            block_end = ((jnp.arange(T) + jnp.asarray(q_offset, jnp.int32)) // chunk_size + 1) * chunk_size
+            cm = (jnp.arange(S)[None, :] < block_end[:, None])[None, None]
         m = cm if m is None else m & cm
     if kv_lengths is not None:
         kv = jnp.arange(S)[None, :] < jnp.asarray(kv_lengths).reshape(-1, 1)
@@ -227,6 +288,91 @@ def _xla_attention(q, k, v, mask, bias, scale):
     return out.reshape(B, T, H, D)
 
 
+def _xla_chunked_attention(q, k, v, chunk, q_offset, q_lengths, kv_lengths, scale, rel=None,
+                           key_blocks_per_tile=4):
+    """Chunk-masked attention in [C, C] tiles: per query block, key blocks in order with an online softmax.
+
+    q [B,T,H,D] at absolute positions q_offset + [0, T); k/v [B,S,K,D] at [0, S) -> [B,T,H,D] float32.
+    Two properties the flows' streaming needs (`flow/cv3/incremental.py`):
+    * Exact under padding and prefix caching: every tile op has the same shape whatever T and S are
+      (query blocks are a loop, not a batch dim: merged rows change the CPU dot's blocking), tiles sit
+      on the absolute C-grid, and a key block fully masked for a row leaves that row's (max, sum, acc)
+      bit-identical (alpha = exp(0) = 1, additions of +0). So a query row gets the same bits whether it
+      is computed among all frames (recompute) or among the new frames against a cache of any capacity.
+    * With `q_offset` (a cache), a query block visits only key blocks below min(its chunk end, max kv
+      length): a dynamic trip count, so cost follows the valid prefix, not the cache capacity. Without
+      it every key block is visited (static loops, so training can differentiate through them).
+    """
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G, C = H // K, chunk
+    CK = C * key_blocks_per_tile  # key tile: wider than the chunk, for fewer loop steps
+    nQ, nK = -(-T // C), -(-S // CK)
+    qp = jnp.pad(q, ((0, 0), (0, nQ * C - T), (0, 0), (0, 0))).reshape(B, nQ, C, K, G, D)
+    kp = jnp.pad(k, ((0, 0), (0, nK * CK - S), (0, 0), (0, 0)))
+    vp = jnp.pad(v, ((0, 0), (0, nK * CK - S), (0, 0), (0, 0)))
+    off = jnp.int32(0) if q_offset is None else jnp.asarray(q_offset, jnp.int32)
+    kv_len = jnp.full((B,), S, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32).reshape(B)
+    kv_len = jnp.minimum(kv_len, S)
+    q_len = jnp.full((B,), T, jnp.int32) if q_lengths is None else jnp.asarray(q_lengths, jnp.int32).reshape(B)
+    arange_c, arange_k = jnp.arange(C, dtype=jnp.int32), jnp.arange(CK, dtype=jnp.int32)
+    lowp = v.dtype != jnp.float32
+    if rel is not None:  # per tile: its own C + CK - 1 table rows (fixed shapes: exact, like the rest)
+        pad_r = C + CK  # the table padded so a tile's row window never leaves it (no clamped slices)
+        table = jnp.pad(rel.table, ((pad_r, pad_r), (0, 0), (0, 0)))
+        qr_all = jnp.pad(rel.q, ((0, 0), (0, nQ * C - T), (0, 0), (0, 0))).reshape(B, nQ, C, H, D)
+
+    def q_block(i, qb, qr):  # qb [B, C, K, G, D], qr [B, C, H, D] | None -> [B, K, G, C, D]
+        q_pos = off + i * C + arange_c  # absolute positions of this block's queries
+        q_end = (q_pos // C + 1) * C  # keys below this are in the rows' chunks
+        q_ok = (i * C + arange_c)[None, :] < q_len[:, None]  # [B, C]
+        qb = jnp.transpose(qb, (0, 2, 3, 1, 4))  # [B, K, G, C, D]
+
+        def k_block(j, carry):
+            m, l, acc = carry  # [B,K,G,C], same, [B,K,G,C,D] float32
+            kb = jnp.transpose(jax.lax.dynamic_slice_in_dim(kp, j * CK, CK, axis=1), (0, 2, 3, 1))  # [B,K,D,CK]
+            vb = jnp.transpose(jax.lax.dynamic_slice_in_dim(vp, j * CK, CK, axis=1), (0, 2, 1, 3))  # [B,K,CK,D]
+            s = jnp.einsum("bkgcd,bkds->bkgcs", qb, kb, preferred_element_type=jnp.float32) * jnp.float32(scale)
+            if rel is not None:  # rows zero - (q_abs - k_abs) for this tile: a window of C + CK - 1
+                first = rel.zero - (off + i * C + C - 1) + j * CK + pad_r
+                rows = jax.lax.dynamic_slice_in_dim(table, first, C + CK - 1, axis=0)
+                e = jnp.einsum("bchd,rhd->bhcr", qr, rows, preferred_element_type=jnp.float32)
+                s = s + (rel_shift(e) * jnp.float32(scale)).reshape(B, K, G, C, CK)
+            k_pos = j * CK + arange_k
+            ok = (k_pos[None, None, :] < q_end[None, :, None]) & (k_pos[None, None, :] < kv_len[:, None, None])
+            ok = (ok & q_ok[:, :, None])[:, None, None]  # [B,1,1,C,CK]
+            s = jnp.where(ok, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.where(ok, jnp.exp(s - m_safe[..., None]), 0.0)
+            alpha = jnp.exp(m - m_safe)  # 1 exactly when the block adds nothing; 0 while m = -inf
+            pv = jnp.einsum("bkgcs,bksd->bkgcd", p.astype(v.dtype) if lowp else p, vb,
+                            preferred_element_type=jnp.float32)
+            return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
+
+        shape = (B, K, G, C)
+        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(shape + (D,), jnp.float32))
+        n_needed = jnp.clip((jnp.minimum(jnp.max(kv_len), q_end[-1]) + CK - 1) // CK, 0, nK)
+        if q_offset is not None:  # a dynamic trip count: no work past the valid prefix
+            _, l, acc = jax.lax.fori_loop(0, n_needed, k_block, init)
+        else:  # static (differentiable); blocks past the chunk end are skipped by a cond (an exact identity)
+            _, l, acc = jax.lax.fori_loop(
+                0, nK, lambda j, c: jax.lax.cond(j < n_needed, k_block, lambda _, c: c, j, c), init)
+        return acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows with no key: acc = 0 -> zeros
+
+    def scan_body(_, xs):
+        i, qb, qr = xs
+        return None, q_block(i, qb, qr)
+
+    xs = (jnp.arange(nQ, dtype=jnp.int32), jnp.moveaxis(qp, 1, 0),
+          None if rel is None else jnp.moveaxis(qr_all, 1, 0))
+    _, out = jax.lax.scan(scan_body, None, xs)
+    # out [nQ, B, K, G, C, D] -> [B, nQ*C, H, D]
+    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(B, nQ * C, H, D)
+    return out[:, :T]
+
+
 def _row_has_key(mask, B, H, T):
     """mask [B|1, H|1, T|1, S] -> [B, T, H, 1] bool: False where a query row attends to nothing."""
     any_s = jnp.broadcast_to(jnp.any(mask, axis=-1), (B, H, T))
@@ -256,7 +402,7 @@ def _cudnn_attention(q, k, v, mask, bias, q_lengths, kv_lengths, chunk_size, sca
 
 
 def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, chunk_size: int = 0,
-              scale=None, implementation: str = "auto"):
+              q_offset=None, rel_pos: RelPos | None = None, scale=None, implementation: str = "auto"):
     """Scaled dot-product attention; q `[B,T,H,D]`, k/v `[B,S,K,D]` -> `[B,T,H,D]` (q's dtype)."""
     B, T, H, D, S, K = _check_shapes(q, k, v)
     impl_name, platform = parse_implementation(implementation)
@@ -273,6 +419,14 @@ def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None,
                          q_lengths is not None or kv_lengths is not None, chunk_size)
     impl, reason = choose_implementation(implementation, call)
     _log_once(f"attention: {impl} ({reason}; requested {implementation!r}, {call.dtype}, H={H} K={K} D={D})")
+    tiled = impl == "xla" and chunk_size and mask is None and bias is None
+    if rel_pos is not None and not tiled:  # the other paths take the position term as a dense bias
+        rb = _rel_pos_dense_bias(rel_pos, S, q_offset, scale)
+        bias = rb if bias is None else bias + rb
+        rel_pos = None
+    if q_offset is not None and chunk_size and impl != "xla":  # the kernels' chunk rule starts at query 0
+        mask = attention_reference_mask(B, H, T, S, mask, None, None, chunk_size, q_offset)
+        chunk_size = 0
     if impl in ("pallas", "pallas_interpret"):
         return pa.flash_attention(q, k, v, mask=mask, bias=bias, q_lengths=q_lengths, kv_lengths=kv_lengths,
                                   chunk_size=chunk_size, scale=scale, interpret=impl == "pallas_interpret")
@@ -280,7 +434,10 @@ def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None,
         return _cudnn_attention(q, k, v, mask, bias, q_lengths, kv_lengths, chunk_size, scale).astype(q.dtype)
     # The scope names the XLA path in lowered HLO, so bench/gpu_lowering.py can count unfused attentions.
     with jax.named_scope(XLA_SCOPE):
-        m = attention_reference_mask(B, H, T, S, mask, q_lengths, kv_lengths, chunk_size)
+        if tiled:
+            return _xla_chunked_attention(q, k, v, chunk_size, q_offset, q_lengths, kv_lengths, scale,
+                                          rel_pos).astype(q.dtype)
+        m = attention_reference_mask(B, H, T, S, mask, q_lengths, kv_lengths, chunk_size, q_offset)
         out = _xla_attention(q, k, v, m, bias, scale)
         if m is not None:
             out = jnp.where(_row_has_key(m, B, H, T), out, 0.0)

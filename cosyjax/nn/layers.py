@@ -1,8 +1,9 @@
 """Small layers every model shares (pure functions; flax modules wrap them where parameters are involved).
 
 * `layer_norm(x, eps)`: LayerNorm over the last axis without affine, statistics in float32 (two-pass
-  variance, like torch) — the DiT's norms; the Conformer / U-Net norms are flax `nn.LayerNorm` with the
-  same float32 statistics (`LayerNormF32`).
+  variance, like torch) — the DiT's norms; `LayerNormF32` adds the affine (Conformer / U-Net norms,
+  flax `nn.LayerNorm`'s parameter names). Both reduce with `feature_mean`, whose bits do not depend
+  on the number of rows (exact incremental streaming needs that).
 * `mish(x)`: x * tanh(softplus(x)) in float32, returned in x's dtype (DiT conv-pos, U-Net blocks).
 * `sinusoidal_embedding(t, dim, scale)`: [sin, cos] flow-time embedding (DiT 256-d, U-Net 320-d).
 * `length_mask(lengths, T)`: [B, T] validity mask (True = valid), the one padding mask.
@@ -19,22 +20,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["layer_norm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad", "Linear",
+__all__ = ["feature_mean", "layer_norm", "LayerNorm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad", "Linear",
            "Embedding", "RMSNorm"]
 
 
+def feature_mean(x):
+    """x [..., C] -> [..., 1]: the mean over the last axis by pairwise halving (zero-padded to a power of 2).
+
+    Slices and elementwise adds only, so a row's bits do not depend on how many rows there are: XLA's
+    CPU row reductions change their accumulation order with the row count (55 vs 64 rows differ in the
+    last bit), and exact incremental streaming computes the same frames among different numbers of
+    rows (`cosyjax.flow.cv*.incremental`)."""
+    C = x.shape[-1]
+    width = 1 << max(C - 1, 0).bit_length()
+    if width != C:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - C)])
+    while x.shape[-1] > 1:
+        h = x.shape[-1] // 2
+        x = x[..., :h] + x[..., h:]
+    return x / jnp.asarray(C, x.dtype)
+
+
 def layer_norm(x, eps: float = 1e-6):
-    """x [..., C] -> float32 [..., C]: LayerNorm without affine, float32 two-pass statistics."""
+    """x [..., C] -> float32 [..., C]: LayerNorm without affine, float32 two-pass statistics (row-stable)."""
     x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    xc = x - mean
-    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-    return xc * jax.lax.rsqrt(var + eps)
+    xc = x - feature_mean(x)
+    return xc * jax.lax.rsqrt(feature_mean(xc * xc) + eps)
 
 
-def LayerNormF32(eps: float, name: str) -> nn.LayerNorm:  # noqa: N802 - a module factory
-    """flax LayerNorm (with affine) whose statistics are float32 two-pass (torch's), whatever the input dtype."""
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
+class LayerNorm(nn.Module):
+    """LayerNorm with affine (flax `nn.LayerNorm`'s parameters `scale`, `bias`): float32 two-pass
+    statistics (torch's) whatever the input dtype, row-stable (`feature_mean`); float32 out."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        C = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (C,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (C,), jnp.float32)
+        x = x.astype(jnp.float32)
+        xc = x - feature_mean(x)
+        return xc * (jax.lax.rsqrt(feature_mean(xc * xc) + self.epsilon) * scale) + bias
+
+
+def LayerNormF32(eps: float, name: str) -> LayerNorm:  # noqa: N802 - a module factory
+    """`LayerNorm(eps)` named `name` (the Conformer / U-Net norms)."""
+    return LayerNorm(eps, name=name)
 
 
 def mish(x):

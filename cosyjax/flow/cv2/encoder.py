@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from cosyjax.flow.cv2.config import EncoderCV2Config
 from cosyjax.flow.cv2.rel_attention import RelPositionMultiHeadedAttention, rel_pos_table
 from cosyjax.flow.masks import attention_mask, padding_mask
+from cosyjax.nn.attention import AttnSpec
 from cosyjax.flow.pre_lookahead import PreLookaheadLayer
 from cosyjax.nn.layers import LayerNormF32
 
@@ -52,23 +53,23 @@ class LinearEmbed(nn.Module):
 class ConformerLayer(nn.Module):
     """Pre-norm `ConformerEncoderLayer` without macaron/conv: x += MHA(LN(x)); x += FFN(LN(x)).
 
-    (x [B, T, d], (pos_table [2T-1, d], mask)) -> (x, None), the `nn.scan` calling convention.
-    Cached: (x [B, T, d] new frames, (pos_table [2S-1, d], mask [B, 1, T, S], offset), (k, v) [B, S, H, dk])
-    -> (x, (k, v) with the new frames written at `offset`), see `RelPositionMultiHeadedAttention`.
+    (x [B, T, d], (pos_table [2T-1, d], spec: AttnSpec)) -> (x, None), the `nn.scan` calling convention.
+    Cached: (x [B, T, d] new frames, (pos_table [2S-1, d], spec with q_offset), (k, v) [B, S, H, dk])
+    -> (x, (k, v) with the new frames written at `spec.q_offset`), see `RelPositionMultiHeadedAttention`.
     """
 
     cfg: EncoderCV2Config
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
+    chunk_size: int = 0  # streaming: the block-causal chunk (this stack's rate); 0 = full attention
 
     @nn.compact
     def __call__(self, x, ctx, cache=None):
-        pos_table, mask = ctx[:2]
-        offset = ctx[2] if cache is not None else None
+        pos_table, spec = ctx
         c = self.cfg
         h = _layer_norm(c.layer_ln_eps, "norm_mha")(x).astype(self.dtype)
         a = RelPositionMultiHeadedAttention(c.attention_heads, c.output_size, self.dtype, self.attention_impl,
-                                            name="self_attn")(h, pos_table, mask, cache, offset)
+                                            self.chunk_size, name="self_attn")(h, pos_table, spec, cache)
         a, new_cache = (a, None) if cache is None else a
         x = x + a
         h = _layer_norm(c.layer_ln_eps, "norm_ff")(x).astype(self.dtype)
@@ -78,14 +79,14 @@ class ConformerLayer(nn.Module):
 
 
 def _conformer_stack(c: EncoderCV2Config, n: int, dtype, attention_impl: str, name: str,
-                     cached: bool = False) -> nn.Module:
+                     cached: bool = False, chunk: int = 0) -> nn.Module:
     """`n` ConformerLayers scanned over one parameter stack (leading axis n): one traced layer.
 
     `cached`: the layers also scan over their (k, v) buffers [n, B, S, H, dk] and return the updated ones.
     """
     stack = nn.scan(ConformerLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, 0) if cached else nn.broadcast, length=n)
-    return stack(c, dtype, attention_impl, name=name)
+    return stack(c, dtype, attention_impl, chunk, name=name)
 
 
 class EncoderUpsample1D(nn.Module):
@@ -121,8 +122,14 @@ class EncoderWindow(NamedTuple):
     lead: jax.Array  # int32 scalar: 0 at the start of the sequence, else 2
     offset: jax.Array  # int32 scalar: absolute position of the first new token (a multiple of the chunk)
     commit: jax.Array  # int32 scalar: new tokens that become final (committed) after this call
-    token_mask: jax.Array  # bool [B, 1, Tq, S]: attention mask of the token-rate conformer layers
-    frame_mask: jax.Array  # bool [B, 1, s*Tq, s*S]: attention mask of the upsampled conformer layers
+    n_keys: jax.Array  # int32 scalar: valid tokens in the K/V buffers after this call (frames: x stride)
+
+
+def _spec(lengths, T: int, chunk: int) -> AttnSpec:
+    """Full-pass key masking: lengths for the chunk rule (streaming), else upstream's dense padding mask."""
+    if chunk:
+        return AttnSpec(None, lengths)
+    return AttnSpec(attention_mask(padding_mask(lengths, T), 0))
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -151,6 +158,8 @@ class UpsampleConformerEncoder(nn.Module):
             raise ValueError("incremental encoding needs both `cache` and `window`")
         lengths = jnp.asarray(lengths, jnp.int32)
         valid = (jnp.arange(T)[None, :] < lengths[:, None])[..., None]
+        # streaming: the chunk rule goes to `attention` as such (see `RelPositionMultiHeadedAttention`)
+        chunk = c.static_chunk_size if (streaming or cached) else 0
 
         x = LinearEmbed(c.output_size, c.embed_ln_eps, dtype=self.dtype, name="embed")(x)
         # frames past a row's length must be zero for the look-ahead conv (upstream pads with zeros)
@@ -163,13 +172,13 @@ class UpsampleConformerEncoder(nn.Module):
             # rows before `lead` had no left context for the look-ahead's causal conv: drop them
             x = jax.lax.dynamic_slice_in_dim(x, window.lead, Tq, axis=1)
             S = cache["encoders"][0].shape[2]
-            ctx, up_ctx = ((rel_pos_table(S, c.output_size), window.token_mask, window.offset),
-                           (rel_pos_table(s * S, c.output_size), window.frame_mask, s * window.offset))
+            n_keys = jnp.broadcast_to(window.n_keys, (B,))
+            ctx = (rel_pos_table(S, c.output_size), AttnSpec(None, n_keys, window.offset))
+            up_ctx = (rel_pos_table(s * S, c.output_size), AttnSpec(None, s * n_keys, s * window.offset))
         else:
             encoded_lengths = jnp.asarray(encoded_lengths, jnp.int32)
-            mask = attention_mask(padding_mask(encoded_lengths, T), c.static_chunk_size if streaming else 0)
-            ctx = (rel_pos_table(T, c.output_size), mask)
-        enc = _conformer_stack(c, c.num_blocks, self.dtype, self.attention_impl, "encoders", cached)
+            ctx = (rel_pos_table(T, c.output_size), _spec(encoded_lengths, T, chunk))
+        enc = _conformer_stack(c, c.num_blocks, self.dtype, self.attention_impl, "encoders", cached, chunk)
         x, kv = enc(x, ctx, cache["encoders"]) if cached else enc(x, ctx)
 
         left = cache["up_left"] if cached else None
@@ -182,9 +191,8 @@ class UpsampleConformerEncoder(nn.Module):
         x = LinearEmbed(c.output_size, c.embed_ln_eps, dtype=self.dtype, name="up_embed")(x)
         if not cached:
             up_lengths = encoded_lengths * s
-            mask = attention_mask(padding_mask(up_lengths, Tu), c.static_chunk_size * s if streaming else 0)
-            up_ctx = (rel_pos_table(Tu, c.output_size), mask)
-        up = _conformer_stack(c, c.num_up_blocks, self.dtype, self.attention_impl, "up_encoders", cached)
+            up_ctx = (rel_pos_table(Tu, c.output_size), _spec(up_lengths, Tu, s * chunk))
+        up = _conformer_stack(c, c.num_up_blocks, self.dtype, self.attention_impl, "up_encoders", cached, s * chunk)
         x, up_kv = up(x, up_ctx, cache["up_encoders"]) if cached else up(x, up_ctx)
         x = _layer_norm(c.after_norm_eps, "after_norm")(x).astype(self.dtype)
         if cached:

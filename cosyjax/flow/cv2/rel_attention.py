@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cosyjax.nn.attention import attention
+from cosyjax.nn.attention import AttnSpec, RelPos, attention, rel_shift
 
 __all__ = ["rel_pos_table", "rel_shift", "RelPositionMultiHeadedAttention"]
 
@@ -37,40 +37,26 @@ def rel_pos_table(length: int, d_model: int) -> jax.Array:
     return table.reshape(2 * length - 1, d_model)
 
 
-def rel_shift(x: jax.Array) -> jax.Array:
-    """[..., T, T+S-1] scores against the rel-pos rows -> [..., T, S] with out[i, j] = x[i, T-1-i+j].
-
-    The zero-pad / reshape trick of upstream's `rel_shift` (pure reshapes and slices, no gather). The
-    full pass has S = T ([..., T, 2T-1] against the whole table); a cached pass has T new queries
-    against S buffered keys.
-    """
-    *lead, T, P = x.shape
-    S = P - T + 1
-    if S < 1:
-        raise ValueError(f"rel_shift expects [..., T, T+S-1] with S >= 1, got {x.shape}")
-    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])  # [..., T, P+1]
-    x = x.reshape(*lead, T * (P + 1))[..., T:]  # dropping T entries shifts row i left by T-1-i
-    return x.reshape(*lead, T, P)[..., :S]
-
-
 class RelPositionMultiHeadedAttention(nn.Module):
-    """x [B, T, D], pos_table [2S-1, D] f32, mask bool (broadcastable to [B, H, T, S]) -> [B, T, D].
+    """x [B, T, D], pos_table [2S-1, D] f32, spec: AttnSpec (key masking) -> [B, T, D].
 
     Full pass (`cache=None`): S = T, the queries are the keys. Cached pass: `cache` = (k, v) buffers
     [B, S, H, dk]; the T new frames sit at absolute positions `offset`..`offset+T-1` (traced int,
-    offset + T <= S): their keys/values are written there and they attend the whole buffer (the
-    caller's mask hides stale/unused rows); returns (out, (k, v)). Scores depend on i - j only, so
-    the position term of a new query against a cached key uses table row (S-1) - (i-j), exactly the
-    row the full pass uses for that pair.
+    offset + T <= S): their keys/values are written there and they attend the buffer's valid
+    keys (`spec.kv_lengths`); returns (out, (k, v)). Scores depend on i - j only, so the position term
+    of a new query against a cached key uses table row (S-1) - (i-j), exactly the row the full pass
+    uses for that pair. With `chunk_size` (streaming) the position term goes to `attention` as a
+    `RelPos` (its tiled path computes it per tile: the same bits with or without a cache).
     """
 
     n_head: int
     n_feat: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
+    chunk_size: int = 0  # streaming: the block-causal chunk; 0 = full attention
 
     @nn.compact
-    def __call__(self, x, pos_table, mask=None, cache=None, offset=None):
+    def __call__(self, x, pos_table, spec: AttnSpec = AttnSpec(), cache=None):
         B, T, D = x.shape
         H = self.n_head
         dk = self.n_feat // H
@@ -83,25 +69,32 @@ class RelPositionMultiHeadedAttention(nn.Module):
         q = dense("linear_q")(x).reshape(B, T, H, dk)
         k = dense("linear_k")(x).reshape(B, T, H, dk)
         v = dense("linear_v")(x).reshape(B, T, H, dk)
-        if cache is None:
+        offset = spec.q_offset
+        if cache is None or self.chunk_size:
             table = pos_table
-        else:
+        if cache is not None:
             if cache[0].shape != (B, S, H, dk) or cache[1].shape != (B, S, H, dk):
                 raise ValueError(f"cache must be two [{B}, S, {H}, {dk}] buffers, got {cache[0].shape}, "
                                  f"{cache[1].shape}")
             at = (0, offset, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
-            # relative positions offset-(S-1) .. offset+T-1, i.e. table rows S-T-offset .. 2S-2-offset
-            table = jax.lax.dynamic_slice_in_dim(pos_table, S - T - offset, T + S - 1, axis=0)
-        p = dense("linear_pos", bias=False)(table.astype(self.dtype)).reshape(T + S - 1, H, dk)
+            if not self.chunk_size:
+                # relative positions offset-(S-1) .. offset+T-1, i.e. table rows S-T-offset .. 2S-2-offset
+                table = jax.lax.dynamic_slice_in_dim(pos_table, S - T - offset, T + S - 1, axis=0)
+        p = dense("linear_pos", bias=False)(table.astype(self.dtype)).reshape(table.shape[0], H, dk)
         pos_bias_u = self.param("pos_bias_u", nn.initializers.zeros, (H, dk), jnp.float32)
         pos_bias_v = self.param("pos_bias_v", nn.initializers.zeros, (H, dk), jnp.float32)
         q_u = (q.astype(jnp.float32) + pos_bias_u).astype(self.dtype)
         q_v = (q.astype(jnp.float32) + pos_bias_v).astype(self.dtype)
         scale = 1.0 / math.sqrt(dk)
-        matrix_bd = jnp.einsum("bthd,phd->bhtp", q_v, p, preferred_element_type=jnp.float32)
-        bias = rel_shift(matrix_bd) * jnp.float32(scale)  # [B, H, T, S], added after q.k * scale
-        out = attention(q_u, k, v, mask, bias=bias, scale=scale, implementation=self.attention_impl)
+        if self.chunk_size:  # pos_table row (S-1) is relative position 0 (S = T in the full pass)
+            out = attention(q_u, k, v, **spec.kwargs(self.chunk_size), rel_pos=RelPos(q_v, p, S - 1),
+                            scale=scale, implementation=self.attention_impl)
+        else:
+            matrix_bd = jnp.einsum("bthd,phd->bhtp", q_v, p, preferred_element_type=jnp.float32)
+            bias = rel_shift(matrix_bd) * jnp.float32(scale)  # [B, H, T, S], added after q.k * scale
+            out = attention(q_u, k, v, **spec.kwargs(0), bias=bias, scale=scale,
+                            implementation=self.attention_impl)
         out = dense("linear_out")(out.reshape(B, T, D))
         return out if cache is None else (out, (k, v))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from cosyjax.flow.cv2.config import UNetConfig
 from cosyjax.flow.masks import attention_mask
-from cosyjax.nn.attention import attention
+from cosyjax.nn.attention import AttnSpec, attention
 from cosyjax.nn.layers import LayerNormF32, causal_pad, mish, sinusoidal_embedding
 
 __all__ = ["sinusoidal_time_embedding", "mish", "CausalBlock1D", "CausalResnetBlock1D", "BasicTransformerBlock",
@@ -63,7 +63,7 @@ class UNetWindow(NamedTuple):
 
     offset: jax.Array  # int32 scalar: absolute frame of the first new frame (K/V write position)
     commit: jax.Array  # int32 scalar: new frames that become final after this call (conv contexts kept there)
-    attn_mask: jax.Array  # bool [B, 1, Tq, S]: new queries against the K/V buffers
+    n_keys: jax.Array  # int32 scalar: valid frames in the K/V buffers after this call's writes (chunk rule on top)
 
 
 class CausalBlock1D(nn.Module):
@@ -109,9 +109,9 @@ class CausalResnetBlock1D(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Matcha block (self-attention only): x += Attn(LN1(x)); x += FF(LN3(x)).
 
-    (x [B, T, C], mask) -> (x, None), the `nn.scan` calling convention.
-    Incremental: (x [B, T, C] new frames, (mask [B, 1, T, S], offset), (k, v) [B, S, H, D]) -> (x, (k, v))
-    with the new frames' keys/values written at `offset`.
+    (x [B, T, C], spec: AttnSpec) -> (x, None), the `nn.scan` calling convention.
+    Incremental: (x [B, T, C] new frames, spec with q_offset, (k, v) [B, S, H, D]) -> (x, (k, v)) with the
+    new frames' keys/values written at `spec.q_offset`.
     """
 
     dim: int
@@ -120,9 +120,10 @@ class BasicTransformerBlock(nn.Module):
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
+    chunk_size: int = 0  # streaming: the block-causal chunk (frames); 0 = full attention
 
     @nn.compact
-    def __call__(self, x, mask, cache=None):
+    def __call__(self, x, spec, cache=None):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         h = _layer_norm(self.eps, "norm1")(x).astype(self.dtype)
@@ -130,10 +131,11 @@ class BasicTransformerBlock(nn.Module):
         k = nn.Dense(H * D, use_bias=False, dtype=self.dtype, name="to_k")(h).reshape(B, T, H, D)
         v = nn.Dense(H * D, use_bias=False, dtype=self.dtype, name="to_v")(h).reshape(B, T, H, D)
         if cache is not None:
-            mask, offset = mask
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, offset, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, offset, 0, 0))
-        a = attention(q, k, v, mask, scale=D ** -0.5, implementation=self.attention_impl).reshape(B, T, H * D)
+            at = (0, spec.q_offset, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
+        a = attention(q, k, v, **spec.kwargs(self.chunk_size), scale=D ** -0.5,
+                      implementation=self.attention_impl).reshape(B, T, H * D)
         x = x + nn.Dense(self.dim, dtype=self.dtype, name="to_out")(a)
         h = _layer_norm(self.eps, "norm3")(x).astype(self.dtype)
         h = nn.Dense(4 * self.dim, dtype=self.dtype, name="ff_proj")(h)
@@ -141,37 +143,41 @@ class BasicTransformerBlock(nn.Module):
         return x + nn.Dense(self.dim, dtype=self.dtype, name="ff_out")(h), (None if cache is None else (k, v))
 
 
-def _transformer_stack(c: UNetConfig, dtype, attention_impl: str, name: str, cached: bool = False) -> nn.Module:
+def _transformer_stack(c: UNetConfig, dtype, attention_impl: str, name: str, cached: bool = False,
+                       chunk: int = 0) -> nn.Module:
     """`c.n_blocks` BasicTransformerBlocks scanned over one parameter stack (leading axis n_blocks);
     `cached`: also scanned over their (k, v) buffers [n_blocks, B, S, H, D]."""
     stack = nn.scan(BasicTransformerBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, 0) if cached else nn.broadcast, length=c.n_blocks)
-    return stack(c.channels[0], c.num_heads, c.attention_head_dim, c.ln_eps, dtype, attention_impl, name=name)
+    return stack(c.channels[0], c.num_heads, c.attention_head_dim, c.ln_eps, dtype, attention_impl, chunk,
+                 name=name)
 
 
 class MidBlock(nn.Module):
-    """CausalResnetBlock1D(C -> C) + n_blocks transformer blocks: (h, (m, temb, mask)) -> (h, None).
+    """CausalResnetBlock1D(C -> C) + n_blocks transformer blocks: (h, (m, temb, spec)) -> (h, None).
 
-    Incremental: (h, (m, temb, mask, offset, commit), {"resnet": contexts, "transformers": (k, v)})
+    Incremental: (h, (m, temb, spec, commit), {"resnet": contexts, "transformers": (k, v)})
     -> (h, updated cache)."""
 
     cfg: UNetConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
+    chunk_size: int = 0
 
     @nn.compact
     def __call__(self, h, ctx, cache=None):
         c = self.cfg
         resnet = CausalResnetBlock1D(c.channels[0], c.ln_eps, self.dtype, name="resnet")
-        stack = _transformer_stack(c, self.dtype, self.attention_impl, "transformers", cache is not None)
+        stack = _transformer_stack(c, self.dtype, self.attention_impl, "transformers", cache is not None,
+                                   self.chunk_size)
         if cache is None:
-            m, temb, mask = ctx
+            m, temb, spec = ctx
             h = resnet(h, m, temb)
-            h, _ = stack(h, mask)
+            h, _ = stack(h, spec)
             return h, None
-        m, temb, mask, offset, commit = ctx
+        m, temb, spec, commit = ctx
         h, res_cache = resnet(h, m, temb, cache["resnet"], commit)
-        h, kv = stack(h, (mask, offset), cache["transformers"])
+        h, kv = stack(h, spec, cache["transformers"])
         return h, {"resnet": res_cache, "transformers": kv}
 
 
@@ -179,7 +185,7 @@ class CausalConditionalDecoder(nn.Module):
     """x, mu, cond [B, T, 80]; mask [B, T] bool; t [B]; spks [B, S] -> v [B, T, 80] (x mask).
 
     Incremental (`cache` and `window` given): x, mu, cond, mask are the T new frames (mask = valid
-    new frames; the caller's `window.attn_mask` is the streaming chunk mask against the K/V buffers);
+    new frames; `window` says where they sit and how many buffered keys are valid; chunk rule on top);
     `cache` = {"down_resnet", "down_conv", "up_resnet", "up_conv", "final_block": causal-conv left
     contexts [B, 2, C_in] (pairs for resnets), "down_transformers", "up_transformers": (k, v)
     [n_blocks, B, S, H, D], "mid_blocks": {"resnet", "transformers"} with a leading num_mid axis}
@@ -214,14 +220,18 @@ class CausalConditionalDecoder(nn.Module):
             raise ValueError(f"x+mu+spks+cond has {h.shape[-1]} channels, estimator expects {c.in_channels}")
         m = mask[..., None].astype(self.dtype)
         new = {}
+        # Streaming: the chunk rule and key lengths go to `attention` as such (its tiled path gives the same
+        # bits with or without a cache and skips keys past the valid prefix); `mask` is a length mask.
+        chunk = c.static_chunk_size if (streaming or cached) else 0
         if cached:
             commit = window.commit
-            attn_ctx = (window.attn_mask, window.offset)
+            attn_ctx = AttnSpec(None, jnp.broadcast_to(window.n_keys, (B,)), window.offset)
 
             def conv_args(key):
                 return cache[key], commit
         else:
-            attn_ctx = attention_mask(mask, c.static_chunk_size if streaming else 0)  # [B, 1, T|1, T]
+            attn_ctx = (AttnSpec(None, jnp.sum(mask, axis=-1, dtype=jnp.int32)) if chunk
+                        else AttnSpec(attention_mask(mask, 0)))  # [B, 1, 1, T]
 
             def conv_args(key):
                 return ()
@@ -234,7 +244,7 @@ class CausalConditionalDecoder(nn.Module):
             return out[0]
 
         def stack(name, h):
-            st = _transformer_stack(c, self.dtype, self.attention_impl, name, cached)
+            st = _transformer_stack(c, self.dtype, self.attention_impl, name, cached, chunk)
             h, kv = st(h, attn_ctx, cache[name]) if cached else st(h, attn_ctx)
             if cached:
                 new[name] = kv
@@ -249,9 +259,9 @@ class CausalConditionalDecoder(nn.Module):
         if c.num_mid_blocks:
             mids = nn.scan(MidBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                            in_axes=(nn.broadcast, 0) if cached else nn.broadcast, length=c.num_mid_blocks)
-            mids = mids(c, self.dtype, self.attention_impl, name="mid_blocks")
+            mids = mids(c, self.dtype, self.attention_impl, chunk, name="mid_blocks")
             if cached:
-                h = keep("mid_blocks", mids(h, (m, temb) + attn_ctx + (commit,), cache["mid_blocks"]))
+                h = keep("mid_blocks", mids(h, (m, temb, attn_ctx, commit), cache["mid_blocks"]))
             else:
                 h, _ = mids(h, (m, temb, attn_ctx))
 

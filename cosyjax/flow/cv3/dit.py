@@ -39,7 +39,7 @@ import numpy as np
 from cosyjax.flow.cv3.config import FlowCV3Config
 from cosyjax.flow.inputs import FlowInputError
 from cosyjax.flow.masks import attention_mask, fix_empty_rows
-from cosyjax.nn.attention import attention
+from cosyjax.nn.attention import AttnSpec, attention
 from cosyjax.nn.layers import layer_norm as _layer_norm
 from cosyjax.nn.layers import mish, sinusoidal_embedding
 
@@ -129,10 +129,11 @@ class DiTBlock(nn.Module):
     ff_mult: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
+    chunk_size: int = 0  # streaming: the block-causal chunk (frames); 0 = full attention
 
     @nn.compact
     def __call__(self, x, ctx, kv=None):
-        temb, cos, sin, attn_mask, row_keep, start = ctx
+        temb, cos, sin, attn, row_keep, start = ctx
         B, T, _ = x.shape
         H, dh = self.heads, self.dim_head
         inner = H * dh
@@ -153,8 +154,8 @@ class DiTBlock(nn.Module):
             k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, start, 0))
             v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, start, 0))
         S = k_all.shape[1]
-        a = attention(q.reshape(B, T, H, dh), k_all.reshape(B, S, H, dh), v_all.reshape(B, S, H, dh), attn_mask,
-                      implementation=self.attention_impl)
+        a = attention(q.reshape(B, T, H, dh), k_all.reshape(B, S, H, dh), v_all.reshape(B, S, H, dh),
+                      **attn.kwargs(self.chunk_size), implementation=self.attention_impl)
         a = dense(self.dim, "to_out")(a.reshape(B, T, inner)).astype(jnp.float32)
         if row_keep is not None:
             a = jnp.where(row_keep[:, :, None], a, 0.0)  # upstream masked_fill(~mask[:, 0, -1], 0)
@@ -208,27 +209,34 @@ class DiT(nn.Module):
         start = 0 if cache is None else jnp.asarray(cache.start, jnp.int32)
         cos, sin = rope_tables(T, c.dim_head, c.rope_base, start)
         kv = None
+        chunk = c.static_chunk_size if streaming else 0
+        # Streaming: the chunk rule and key lengths go to `attention` as such (not a dense [T, S] mask):
+        # its tiled path gives bit-identical rows with or without a cache, and skips keys past the valid
+        # prefix. `mask` is a length (prefix) mask, as every caller builds it (`padding_mask`).
         if cache is not None:
             if mask is not None:
                 raise FlowInputError("DiT: pass mask=None with a cache (key validity comes from cache.start/n_valid)")
-            attn_mask = cached_attention_mask(start, cache.n_valid, T, cache.k.shape[2],
-                                              c.static_chunk_size if streaming else 0)
             row_keep = jnp.broadcast_to(jnp.arange(T)[None, :] < cache.n_valid, (B, T))
             kv = (cache.k, cache.v)
+            if chunk:
+                attn = AttnSpec(None, jnp.broadcast_to(start + cache.n_valid, (B,)), start)
+            else:
+                attn = AttnSpec(cached_attention_mask(start, cache.n_valid, T, cache.k.shape[2], 0), None, None)
         elif mask is None:
-            attn_mask = None
             row_keep = None
-            if streaming:
-                attn_mask = attention_mask(jnp.ones((B, T), jnp.bool_), c.static_chunk_size)
+            attn = AttnSpec(None, None, None)
         else:
             mask = jnp.asarray(mask, jnp.bool_)
-            attn_mask = attention_mask(mask, c.static_chunk_size if streaming else 0)
             row_keep = fix_empty_rows(mask)  # = upstream's mask[:, 0, -1] (last query row)
+            if chunk:
+                attn = AttnSpec(None, jnp.sum(mask, axis=-1, dtype=jnp.int32), None)
+            else:
+                attn = AttnSpec(attention_mask(mask, 0), None, None)
 
         blocks = nn.scan(DiTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, 0), length=c.depth)
-        h, new_kv = blocks(c.dim, c.heads, c.dim_head, c.ff_mult, self.dtype, self.attention_impl,
-                           name="blocks")(h, (temb, cos, sin, attn_mask, row_keep, start), kv)
+        h, new_kv = blocks(c.dim, c.heads, c.dim_head, c.ff_mult, self.dtype, self.attention_impl, chunk,
+                           name="blocks")(h, (temb, cos, sin, attn, row_keep, start), kv)
 
         mod = nn.Dense(2 * c.dim, name="norm_out")(nn.silu(temb))
         scale, shift = jnp.split(mod[:, None, :], 2, axis=-1)  # (scale, shift) order (PITFALLS 6)

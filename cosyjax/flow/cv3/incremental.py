@@ -15,6 +15,13 @@ Non-final chunks must end on a chunk boundary (upstream's schedule always does: 
 padded so that prompt + hop is a multiple of 25 tokens = 50 frames). The final chunk runs upstream's
 full-attention pass (`streaming=False, finalize=True`) over everything (earlier frames change there).
 
+Bit-exact: every chunk's mel equals the recompute path's (`incremental=False`) bit for bit, not just to
+rounding (`tests/test_stream_incremental.py`, 30 s and 60 s). The two compute the same frames among
+different numbers of rows and keys, so everything shape-dependent is made shape-independent: streaming
+attention runs in fixed-shape tiles on the absolute chunk grid (`cosyjax.nn.attention`, the CV2
+position term per tile too) and the norms reduce with `cosyjax.nn.layers.feature_mean`; the dense layers
+and convolutions are row-stable as XLA's CPU emits them (checked by the same test).
+
 Device state (`state` dict, donated to each call): `k`, `v` [n_steps, depth, 2, S, inner] (dtype =
 matmul dtype), `conv_in`, `conv_mid` [n_steps, 2, K-1, dim] float32. S (cache capacity, frames) and F
 (new frames per call, padded) are bucketed: one compiled program per (S, F) pair.
@@ -39,7 +46,8 @@ __all__ = ["IncrementalFlowCV3", "IncrementalFlowError", "incremental_chunk", "i
            "DEFAULT_CACHE_BUCKETS", "DEFAULT_NEW_FRAME_BUCKETS"]
 
 # Cache capacities in mel frames (powers of two up to upstream's 15000-frame noise buffer): few
-# reallocations/compiles; masked keys cost at most 2x in attention over the prefix.
+# reallocations/compiles. Unused capacity costs memory only: attention visits the key blocks below the
+# valid prefix (`attention(..., q_offset=...)`'s tiled path), not the whole buffer.
 DEFAULT_CACHE_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 15000)
 # New frames per call: multiples of the 50-frame chunk (upstream hops are 50 / 100 / 200 frames).
 DEFAULT_NEW_FRAME_BUCKETS = (50, 100, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200, 4800, 6400, 9600, 15000)
