@@ -23,12 +23,8 @@ always end on the grid, so then nothing is recomputed. The final chunk (`finaliz
 `streaming=False`: full attention over everything) cannot reuse any of this and is a full recompute
 with `flow_inference`, exactly as upstream.
 
-Bit-exact: every chunk's mel equals the recompute path's (`incremental=False`) bit for bit, not just to
-rounding (`tests/test_stream_incremental.py`, 30 s and 60 s). The two compute the same frames among
-different numbers of rows and keys, so everything shape-dependent is made shape-independent: streaming
-attention runs in fixed-shape tiles on the absolute chunk grid (`cosyjax.nn.attention`, the CV2
-position term per tile too) and the norms reduce with `cosyjax.nn.layers.feature_mean`; the dense layers
-and convolutions are row-stable as XLA's CPU emits them (checked by the same test).
+Bit-exact with the recompute path, for the reasons `cosyjax.flow.cv3.incremental` gives; here the
+Conformer's relative-position term is also computed per attention tile (`cosyjax.nn.attention.RelPos`).
 
 Device state: static buffers of a bucketed capacity S tokens (2S frames), grown by reallocation to
 the next bucket; a call's new tokens are padded to a bucket of `TOKEN_GRID` multiples (masked), so
