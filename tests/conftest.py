@@ -80,3 +80,16 @@ def fullsize_root() -> str:
 
 def model_dir(version: str) -> str:
     return os.path.join(GOLDEN, version, "modeldir")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module: one long pytest process otherwise keeps
+    every executable of ~400 tests alive, and late in the run XLA's CPU compiler segfaulted
+    (`backend_compile_and_load`, twice, in the training tests) after the tiled attention made the flow
+    programs larger. Each module still reuses its own compilations."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
