@@ -157,3 +157,40 @@ def test_sampler_objects():
     top, n_keep = smp.nucleus(smp.TopKTopP(top_k=9, top_p=0.7), jax.nn.softmax(logp / 2.0, axis=-1), u[:, 0])
     np.testing.assert_array_equal(tt, top)
     np.testing.assert_array_equal(nt, n_keep)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 30), st.booleans())
+def test_top_k_rows_equals_lax_top_k_under_vmap(seed, rows, k, ties):
+    """The rank-2 top-k gives lax.top_k's values and indices (ties: lower index first) however it is vmapped."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, rows, 40)).astype(np.float32)
+    if ties:
+        x[..., 5:25] = x[..., 4:5]
+    x = jnp.asarray(x)
+    ref_v, ref_i = jax.lax.top_k(x, k)
+    for f in (jax.vmap(lambda r: smp.top_k_rows(r, k)), jax.jit(jax.vmap(lambda r: smp.top_k_rows(r, k))),
+              jax.vmap(lambda r: smp.top_k_rows(r, k), in_axes=1, out_axes=1)):
+        v, i = f(x)
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(ref_v))
+        np.testing.assert_array_equal(np.asarray(i), np.asarray(ref_i))
+    v, i = jax.vmap(jax.vmap(lambda r: smp.top_k_rows(r[None], k)))(x)  # nested: [2, rows, 1, k]
+    np.testing.assert_array_equal(np.asarray(i)[:, :, 0], np.asarray(ref_i))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA CPU's top-k kernel rewrite")
+def test_nucleus_in_a_vmapped_loop_compiles_without_a_full_sort():
+    """Inside a loop and under vmap over batch-1 rows, XLA CPU lowered lax.top_k over the speech vocabulary to
+    a full stable sort (most of a tiny model's decode step); the rank-2 top-k keeps its fast kernel."""
+    cfg = smp.RAS()
+
+    def draw(p, u):  # p [1, V], u [1]: a decode step's nucleus draw, repeated in a loop
+        def body(i, c):
+            ids, n = smp.nucleus(cfg, p + 1e-6 * i, u)
+            return c + ids[0] + n[0]
+        return jax.lax.fori_loop(0, 3, body, jnp.int32(0))
+
+    p = jax.nn.softmax(jnp.asarray(np.random.default_rng(0).standard_normal((4, 1, 6761)), jnp.float32), -1)
+    u = jnp.full((4, 1), 0.5, jnp.float32)
+    hlo = jax.jit(jax.vmap(draw)).lower(p, u).compile().as_text()
+    assert " sort(" not in hlo

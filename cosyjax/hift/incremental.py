@@ -23,6 +23,8 @@ frames (`cv2_vocoder_frames`).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -81,6 +83,7 @@ def earliest_inputs(cfg: HiFTConfig, n: int) -> tuple[int, int]:
     return e, src
 
 
+@functools.lru_cache(maxsize=None)  # a pure walk of the config, ~15 ms of Python: once per config, not per stream
 def left_context_frames(cfg: HiFTConfig) -> int:
     """Mel frames before output frame a//480 that the generator window must include (exact, from the config).
 
