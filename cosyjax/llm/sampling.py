@@ -88,9 +88,9 @@ def _top_k_rank2(k: int):
     def _rule(axis_size, in_batched, x):
         if not in_batched[0]:
             return top_k(x), (False, False)
-        n, V = x.shape[1], x.shape[2]  # the vmapped axis comes first in a custom_vmap rule
-        v, i = top_k(x.reshape(axis_size * n, V))
-        return (v.reshape(axis_size, n, k), i.reshape(axis_size, n, k)), (True, True)
+        out = x.shape[:-1] + (k,)  # every leading axis (the vmapped one comes first) folds into the rows
+        v, i = top_k(x.reshape(-1, x.shape[-1]))
+        return (v.reshape(out), i.reshape(out)), (True, True)
 
     return top_k
 
