@@ -285,3 +285,44 @@ def test_tiled_chunk_attention_has_gradients():
                      argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(tiled, dense):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(start_chunks=st.integers(0, 9), new_chunks=st.integers(1, 4), n_valid=st.integers(1, 40),
+       lead=st.integers(0, 2), impl=st.sampled_from(["xla", "xla_dense", "pallas_interpret"]))
+def test_kv_cache_read_in_place_equals_the_dense_keys(start_chunks, new_chunks, n_valid, lead, impl):
+    """attention(k_new, kv_cache=buffer) = attention(buffer slice with k_new written at q_offset): bit for bit
+    on the tiled XLA path (the same key values per tile), to rounding on the paths that assemble keys."""
+    from cosyjax.nn.attention import KVCache
+
+    C, B, H, K, D, S, n_lead = 10, 2, 4, 2, 8, 200, 3
+    start, F = start_chunks * C, new_chunks * C
+    rng = np.random.default_rng(start_chunks * 100 + new_chunks)
+    q = jnp.asarray(rng.standard_normal((B, F, H, D)), jnp.float32)
+    kn, vn = (jnp.asarray(rng.standard_normal((B, F, K, D)), jnp.float32) for _ in range(2))
+    kb, vb = (jnp.asarray(rng.standard_normal((n_lead, B, S, K * D)), jnp.float32) for _ in range(2))
+    kv_len = jnp.full((B,), start + min(n_valid, F), jnp.int32)
+    chunk = 0 if impl == "xla_dense" else C
+    name = "xla" if impl == "xla_dense" else impl
+    got = attention(q, kn, vn, kv_lengths=kv_len, chunk_size=chunk, q_offset=jnp.int32(start),
+                    kv_cache=KVCache(kb, vb, (jnp.int32(lead),)), implementation=name)
+    put = lambda buf, new: jax.lax.dynamic_update_slice(buf[lead].reshape(B, S, K, D), new, (0, start, 0, 0))  # noqa: E731
+    want = attention(q, put(kb, kn), put(vb, vn), kv_lengths=kv_len, chunk_size=chunk, q_offset=jnp.int32(start),
+                     implementation=name)
+    if impl == "xla":
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    else:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_bad_buffers_raise():
+    from cosyjax.errors import CosyJaxError
+    from cosyjax.nn.attention import KVCache
+
+    q = jnp.zeros((1, 10, 2, 4))
+    k = jnp.zeros((1, 10, 2, 4))
+    with pytest.raises(CosyJaxError, match="kv_cache needs q_offset"):
+        attention(q, k, k, chunk_size=10, kv_cache=KVCache(jnp.zeros((1, 1, 40, 8)), jnp.zeros((1, 1, 40, 8)), (0,)))
+    with pytest.raises(CosyJaxError, match="multiple of the 40-key tile"):
+        attention(q, k, k, chunk_size=10, q_offset=jnp.int32(0), implementation="xla",
+                  kv_cache=KVCache(jnp.zeros((1, 1, 50, 8)), jnp.zeros((1, 1, 50, 8)), (0,)))

@@ -139,3 +139,28 @@ def test_bad_calls(model):
     with pytest.raises(IncrementalFlowError, match="token_offset 0"):
         inc.chunk(toks, 0, 83)
     assert issubclass(IncrementalFlowError, CosyJaxError)
+
+
+def test_chunk_copies_nothing_the_size_of_the_cache(model):
+    """The cache is read in place (attention's KVCache) and written in place (donated): the compiled
+    chunk's temporaries do not grow with the cache capacity (before, they were ~1.2x the k cache)."""
+    from cosyjax.flow.cv3.incremental import init_state
+
+    cfg, params = model
+    F = 50
+    temps = {}
+    for S in (800, 6400):
+        state = init_state(cfg, S, STEPS)
+        args = (params, state, np.zeros(F // 2 + 5, np.int32), np.int32(F // 2 + 5), np.int32(2),
+                np.zeros((F, 80), np.float32), np.zeros((F, 80), np.float32),
+                np.zeros(cfg.spk_embed_dim, np.float32), np.int32(400), np.int32(F))
+        mem = incremental_chunk.lower(*args, cfg=cfg, n_timesteps=STEPS).compile().memory_analysis()
+        if mem is None:
+            pytest.skip("this backend reports no memory analysis")
+        temps[S] = mem.temp_size_in_bytes
+        assert mem.alias_size_in_bytes >= state["k"].nbytes + state["v"].nbytes  # updated in place
+    growth = temps[6400] - temps[800]
+    assert growth < 0.1 * init_state(cfg, 6400, STEPS)["k"].nbytes, temps
+    u = utterance(cfg, 4, P=20, N=120)
+    with pytest.raises(IncrementalFlowError, match="multiples of 200"):
+        IncrementalFlowCV3(params, cfg, u["prompt_token"], u["prompt_feat"], u["embedding"], cache_buckets=(256,))

@@ -1,7 +1,7 @@
 """The one attention function used by every attention layer (DiT, U-Net, Conformer, Qwen2).
 
 `attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, chunk_size=0, q_offset=None,
-rel_pos=None, scale=None, implementation='auto') -> [B, T, H, D]`
+rel_pos=None, kv_cache=None, scale=None, implementation='auto') -> [B, T, H, D]`
 
 * q: `[B, T, H, D]`; k, v: `[B, S, K, D]` with K dividing H (grouped-query attention: query head h
   uses key/value head h // (H // K)).
@@ -13,6 +13,10 @@ rel_pos=None, scale=None, implementation='auto') -> [B, T, H, D]`
 * `q_offset` (traced int): the queries sit at absolute positions q_offset + [0, T) for the chunk rule
   (new frames against a key cache). `rel_pos` (`RelPos`): a relative-position score term
   q_r[i] . table[zero - (i_abs - j)] (the CV2 Conformer's `matrix_bd`) instead of a dense bias.
+* `kv_cache` (`KVCache`): keys/values of positions [0, q_offset) read in place from a larger buffer
+  (an incremental flow's per-step, per-layer cache); k, v are then only the new keys at q_offset +
+  [0, S_new). The tiled path reads its key tiles straight from the buffer, so a call costs what the
+  valid prefix costs, never a copy of the buffer; the other paths assemble the dense keys first.
 * A query row whose keys are all masked (or a padded query row) returns exactly zeros, on every
   implementation — never NaN, never a uniform average of V.
 
@@ -47,13 +51,14 @@ import jax.numpy as jnp
 from cosyjax.errors import CapabilityError, CosyJaxError
 from cosyjax.nn import pallas_attention as pa
 
-__all__ = ["attention", "AttnSpec", "RelPos", "rel_shift", "attention_reference_mask", "block_causal_mask", "choose_implementation",
+__all__ = ["attention", "AttnSpec", "KVCache", "KEY_BLOCKS_PER_TILE", "RelPos", "rel_shift", "attention_reference_mask", "block_causal_mask", "choose_implementation",
            "parse_implementation", "AttentionCall", "IMPLEMENTATIONS", "PLATFORMS", "XLA_SCOPE"]
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
 PLATFORMS = ("cpu", "gpu", "tpu")
 XLA_SCOPE = "cosyjax_xla_attention"  # jax.named_scope of the XLA path
 CUDNN_MAX_HEAD_DIM = 128  # jax's cuDNN check allows 256 only on Hopper, which needs a device to ask
+KEY_BLOCKS_PER_TILE = 4  # the tiled path's key tile = this many chunks (a KVCache capacity is a multiple)
 _LOG = logging.getLogger("cosyjax.attention")
 _LOGGED: set[str] = set()  # once-per-message de-dup of trace-time logging; never holds traced values
 
@@ -92,6 +97,24 @@ class AttnSpec(NamedTuple):
     def kwargs(self, chunk_size: int) -> dict:
         return {"mask": self.mask, "kv_lengths": self.kv_lengths, "q_offset": self.q_offset,
                 "chunk_size": chunk_size}
+
+
+class KVCache(NamedTuple):
+    """Cached keys/values read in place: k, v [*lead, B, S, K*D]; `index` = len(lead) traced ints picking
+    this call's [B, S, K*D] (e.g. (ODE step, layer)). S must be a multiple of the tiled path's key tile."""
+
+    k: jax.Array
+    v: jax.Array
+    index: tuple
+
+    def select(self, name: str, K: int, D: int) -> jax.Array:
+        """The dense [B, S, K, D] slice (a copy: only for the paths that need dense keys)."""
+        buf = getattr(self, name)
+        n = len(self.index)
+        z = jnp.int32(0)
+        a = jax.lax.dynamic_slice(buf, tuple(jnp.asarray(i, jnp.int32) for i in self.index) + (z,) * (buf.ndim - n),
+                                  (1,) * n + buf.shape[n:])
+        return a.reshape(buf.shape[n:-1] + (K, D))
 
 
 class RelPos(NamedTuple):
@@ -289,7 +312,7 @@ def _xla_attention(q, k, v, mask, bias, scale):
 
 
 def _xla_chunked_attention(q, k, v, chunk, q_offset, q_lengths, kv_lengths, scale, rel=None,
-                           key_blocks_per_tile=4):
+                           key_blocks_per_tile=KEY_BLOCKS_PER_TILE, cache: KVCache | None = None):
     """Chunk-masked attention in [C, C] tiles: per query block, key blocks in order with an online softmax.
 
     q [B,T,H,D] at absolute positions q_offset + [0, T); k/v [B,S,K,D] at [0, S) -> [B,T,H,D] float32.
@@ -302,16 +325,42 @@ def _xla_chunked_attention(q, k, v, chunk, q_offset, q_lengths, kv_lengths, scal
     * With `q_offset` (a cache), a query block visits only key blocks below min(its chunk end, max kv
       length): a dynamic trip count, so cost follows the valid prefix, not the cache capacity. Without
       it every key block is visited (static loops, so training can differentiate through them).
+    * With `cache` (needs `q_offset`): k/v hold only the new keys at q_offset + [0, S_new); a tile's keys
+      below q_offset are sliced from the cache buffer itself and the rest from the new keys (a select
+      per tile: the same values as the dense keys, so the same bits), so no copy of the buffer is made.
     """
     B, T, H, D = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     G, C = H // K, chunk
     CK = C * key_blocks_per_tile  # key tile: wider than the chunk, for fewer loop steps
-    nQ, nK = -(-T // C), -(-S // CK)
-    qp = jnp.pad(q, ((0, 0), (0, nQ * C - T), (0, 0), (0, 0))).reshape(B, nQ, C, K, G, D)
-    kp = jnp.pad(k, ((0, 0), (0, nK * CK - S), (0, 0), (0, 0)))
-    vp = jnp.pad(v, ((0, 0), (0, nK * CK - S), (0, 0), (0, 0)))
     off = jnp.int32(0) if q_offset is None else jnp.asarray(q_offset, jnp.int32)
+    if cache is None:
+        S = k.shape[1]
+        nK = -(-S // CK)
+        kp = jnp.pad(k, ((0, 0), (0, nK * CK - S), (0, 0), (0, 0)))
+        vp = jnp.pad(v, ((0, 0), (0, nK * CK - S), (0, 0), (0, 0)))
+
+        def tile(j, name):
+            return jax.lax.dynamic_slice_in_dim(kp if name == "k" else vp, j * CK, CK, axis=1)
+    else:
+        S = cache.k.shape[-2]
+        if S % CK:
+            raise CosyJaxError(f"a KVCache's capacity ({S}) must be a multiple of the {CK}-key tile")
+        nK = S // CK
+        n_lead = len(cache.index)
+        lead = tuple(jnp.asarray(i, jnp.int32) for i in cache.index)
+        # the new keys padded by a tile each side: a tile's window into them never clamps
+        new = {n: jnp.pad(a.astype(cache.k.dtype), ((0, 0), (CK, CK), (0, 0), (0, 0))) for n, a in (("k", k), ("v", v))}
+        below = (jnp.arange(CK, dtype=jnp.int32)[None, :, None, None])
+
+        def tile(j, name):
+            buf = cache.k if name == "k" else cache.v
+            old = jax.lax.dynamic_slice(buf, lead + (jnp.int32(0), j * CK, jnp.int32(0)),
+                                        (1,) * n_lead + (B, CK, K * D)).reshape(B, CK, K, D)
+            fresh = jax.lax.dynamic_slice_in_dim(new[name], j * CK - off + CK, CK, axis=1)
+            return jnp.where(j * CK + below < off, old, fresh)
+    nQ = -(-T // C)
+    qp = jnp.pad(q, ((0, 0), (0, nQ * C - T), (0, 0), (0, 0))).reshape(B, nQ, C, K, G, D)
     kv_len = jnp.full((B,), S, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32).reshape(B)
     kv_len = jnp.minimum(kv_len, S)
     q_len = jnp.full((B,), T, jnp.int32) if q_lengths is None else jnp.asarray(q_lengths, jnp.int32).reshape(B)
@@ -330,8 +379,8 @@ def _xla_chunked_attention(q, k, v, chunk, q_offset, q_lengths, kv_lengths, scal
 
         def k_block(j, carry):
             m, l, acc = carry  # [B,K,G,C], same, [B,K,G,C,D] float32
-            kb = jnp.transpose(jax.lax.dynamic_slice_in_dim(kp, j * CK, CK, axis=1), (0, 2, 3, 1))  # [B,K,D,CK]
-            vb = jnp.transpose(jax.lax.dynamic_slice_in_dim(vp, j * CK, CK, axis=1), (0, 2, 1, 3))  # [B,K,CK,D]
+            kb = jnp.transpose(tile(j, "k"), (0, 2, 3, 1))  # [B,K,D,CK]
+            vb = jnp.transpose(tile(j, "v"), (0, 2, 1, 3))  # [B,K,CK,D]
             s = jnp.einsum("bkgcd,bkds->bkgcs", qb, kb, preferred_element_type=jnp.float32) * jnp.float32(scale)
             if rel is not None:  # rows zero - (q_abs - k_abs) for this tile: a window of C + CK - 1
                 first = rel.zero - (off + i * C + C - 1) + j * CK + pad_r
@@ -402,9 +451,19 @@ def _cudnn_attention(q, k, v, mask, bias, q_lengths, kv_lengths, chunk_size, sca
 
 
 def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None, chunk_size: int = 0,
-              q_offset=None, rel_pos: RelPos | None = None, scale=None, implementation: str = "auto"):
+              q_offset=None, rel_pos: RelPos | None = None, kv_cache: KVCache | None = None, scale=None,
+              implementation: str = "auto"):
     """Scaled dot-product attention; q `[B,T,H,D]`, k/v `[B,S,K,D]` -> `[B,T,H,D]` (q's dtype)."""
     B, T, H, D, S, K = _check_shapes(q, k, v)
+    if kv_cache is not None:
+        n = len(kv_cache.index)
+        want = (B, None, K * D)
+        got = kv_cache.k.shape[n:]
+        if q_offset is None or kv_cache.k.shape != kv_cache.v.shape or len(got) != 3 or \
+                (got[0], got[2]) != (want[0], want[2]):
+            raise CosyJaxError(f"kv_cache needs q_offset and k/v buffers [*lead, {B}, S, {K * D}] for "
+                               f"{n} lead indices, got {kv_cache.k.shape} / {kv_cache.v.shape}")
+        S = got[1]  # the key positions span the buffer
     impl_name, platform = parse_implementation(implementation)
     chunk_size = int(chunk_size)
     if chunk_size < 0:
@@ -420,6 +479,11 @@ def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None,
     impl, reason = choose_implementation(implementation, call)
     _log_once(f"attention: {impl} ({reason}; requested {implementation!r}, {call.dtype}, H={H} K={K} D={D})")
     tiled = impl == "xla" and chunk_size and mask is None and bias is None
+    if kv_cache is not None and not tiled:  # dense keys: the cache slice with the new keys written in
+        at = (jnp.int32(0), jnp.asarray(q_offset, jnp.int32), jnp.int32(0), jnp.int32(0))
+        k = jax.lax.dynamic_update_slice(kv_cache.select("k", K, D), k.astype(kv_cache.k.dtype), at)
+        v = jax.lax.dynamic_update_slice(kv_cache.select("v", K, D), v.astype(kv_cache.v.dtype), at)
+        kv_cache = None
     if rel_pos is not None and not tiled:  # the other paths take the position term as a dense bias
         rb = _rel_pos_dense_bias(rel_pos, S, q_offset, scale)
         bias = rb if bias is None else bias + rb
@@ -436,7 +500,7 @@ def attention(q, k, v, mask=None, *, bias=None, q_lengths=None, kv_lengths=None,
     with jax.named_scope(XLA_SCOPE):
         if tiled:
             return _xla_chunked_attention(q, k, v, chunk_size, q_offset, q_lengths, kv_lengths, scale,
-                                          rel_pos).astype(q.dtype)
+                                          rel_pos, cache=kv_cache).astype(q.dtype)
         m = attention_reference_mask(B, H, T, S, mask, q_lengths, kv_lengths, chunk_size, q_offset)
         out = _xla_attention(q, k, v, m, bias, scale)
         if m is not None:

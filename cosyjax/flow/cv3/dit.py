@@ -17,11 +17,13 @@ Layout (time-major, `D = dim`):
 4. final AdaLN with (scale, shift) order, LN eps 1e-6 without affine, Linear(D -> 80).
    The output is NOT multiplied by the mask (upstream does not).
 
-Incremental (cached) calls: `DiT(cfg)(x, None, mu, t, spks, cond, streaming, cache=DiTCache(...))` runs
-only the new frames x [B, F, 80] at absolute positions `cache.start + [0, F)` against the keys/values
-of the earlier frames (`cache.k/v [depth, B, S, inner]`, written at `start` inside each layer) and
-the conv-pos left context; it returns `(v [B, F, 80], DiTCacheUpdate)`. With the block-causal
-(`streaming`) mask and `start` on a chunk boundary this equals the full pass on the valid frames.
+Incremental (cached) calls: `DiT(cfg)(x, None, mu, t, spks, cond, streaming=True, cache=DiTCache(...))`
+runs only the new frames x [B, F, 80] at absolute positions `cache.start + [0, F)` against the
+keys/values of the earlier frames and the conv-pos left context; it returns `(v [B, F, 80],
+DiTCacheUpdate)`. The keys are read in place from the whole cache buffer (`cache.k/v [n_steps, depth,
+B, S, inner]` at ODE step `cache.step`, `attention(..., kv_cache=...)`): nothing proportional to the
+cache capacity is copied. With the block-causal mask and `start` on a chunk boundary this equals the
+full pass on the valid frames.
 
 Precision: `dtype` is the matmul/conv compute dtype (float32 or bfloat16); the residual stream,
 LayerNorms, AdaLN modulation, time embedding, RoPE tables, softmax and the output projection
@@ -39,11 +41,11 @@ import numpy as np
 from cosyjax.flow.cv3.config import FlowCV3Config
 from cosyjax.flow.inputs import FlowInputError
 from cosyjax.flow.masks import attention_mask, fix_empty_rows
-from cosyjax.nn.attention import AttnSpec, attention
+from cosyjax.nn.attention import AttnSpec, KVCache, attention
 from cosyjax.nn.layers import layer_norm as _layer_norm
 from cosyjax.nn.layers import mish, sinusoidal_embedding
 
-__all__ = ["DiT", "DiTBlock", "DiTCache", "DiTCacheUpdate", "cached_attention_mask", "rope_inv_freq", "rope_tables",
+__all__ = ["DiT", "DiTBlock", "DiTCache", "DiTCacheUpdate", "rope_inv_freq", "rope_tables",
            "apply_rope_interleaved", "timestep_sinusoid",
            "layer_norm", "mish"]
 
@@ -85,8 +87,9 @@ def apply_rope_interleaved(x, cos, sin):
 class DiTCache(NamedTuple):
     """What an incremental DiT call needs about the earlier frames (one ODE step, all CFG rows)."""
 
-    k: jax.Array  # [depth, B, S, inner] keys after RoPE of frames < start (S = capacity; rest ignored)
-    v: jax.Array  # [depth, B, S, inner] values
+    k: jax.Array  # [n_steps, depth, B, S, inner] keys after RoPE of frames < start (S = capacity; rest ignored)
+    v: jax.Array  # [n_steps, depth, B, S, inner] values
+    step: jax.Array  # int32 scalar: the ODE step whose keys/values this call reads
     conv_in: jax.Array  # [B, K-1, D] float32: the last K-1 inputs of conv_pos_1 before start (zeros at 0)
     conv_mid: jax.Array  # [B, K-1, D] float32: the last K-1 inputs of conv_pos_2 before start
     start: jax.Array  # int32 scalar: absolute frame index of x[:, 0]
@@ -102,25 +105,12 @@ class DiTCacheUpdate(NamedTuple):
     conv_mid: jax.Array  # [B, K-1, D]
 
 
-def cached_attention_mask(start, n_valid, F: int, S: int, static_chunk_size: int):
-    """Queries at start + [0, F) over keys [0, S): key j valid iff j < start + n_valid, and (chunked)
-    j < (i // chunk + 1) * chunk -> [1, 1, F, S] bool, empty rows fixed (upstream's rule)."""
-    q_pos = jnp.arange(F, dtype=jnp.int32) + start
-    k_pos = jnp.arange(S, dtype=jnp.int32)
-    m = k_pos[None, :] < (start + n_valid)
-    if static_chunk_size > 0:
-        m = m & (k_pos[None, :] < ((q_pos // static_chunk_size + 1) * static_chunk_size)[:, None])
-    else:
-        m = jnp.broadcast_to(m, (F, S))
-    return fix_empty_rows(m)[None, None]
-
-
 class DiTBlock(nn.Module):
-    """One AdaLN-zero transformer block for `nn.scan`: (x [B,T,D] f32, ctx, kv) -> (x, new kv).
+    """One AdaLN-zero transformer block for `nn.scan`: (x [B,T,D] f32, ctx, layer) -> (x, new kv).
 
-    kv = None (full pass: keys are the T frames themselves; returns None) or this layer's cached
-    (k [B, S, inner], v [B, S, inner]); then the T new frames' k/v are written at `ctx` start and
-    attended together with the cached ones, and the new k/v [B, T, inner] are returned.
+    layer = None (full pass: keys are the T frames themselves; returns None) or this block's index in
+    the stack (a cached call: ctx carries the `DiTCache`; the T new frames attend to the cached keys
+    below `start` and to themselves, and their k/v [B, T, inner] are returned for the cache).
     """
 
     dim: int
@@ -132,8 +122,8 @@ class DiTBlock(nn.Module):
     chunk_size: int = 0  # streaming: the block-causal chunk (frames); 0 = full attention
 
     @nn.compact
-    def __call__(self, x, ctx, kv=None):
-        temb, cos, sin, attn, row_keep, start = ctx
+    def __call__(self, x, ctx, layer=None):
+        temb, cos, sin, attn, row_keep, cache = ctx
         B, T, _ = x.shape
         H, dh = self.heads, self.dim_head
         inner = H * dh
@@ -149,13 +139,12 @@ class DiTBlock(nn.Module):
         # projection, i.e. head 0 (upstream `DiT/modules.py:AttnProcessor`; PITFALLS 5).
         q = jnp.concatenate([apply_rope_interleaved(q[..., :dh], cos, sin), q[..., dh:]], axis=-1)
         k = jnp.concatenate([apply_rope_interleaved(k[..., :dh], cos, sin), k[..., dh:]], axis=-1)
-        k_all, v_all = k, v
-        if kv is not None:
-            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, start, 0))
-            v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, start, 0))
-        S = k_all.shape[1]
-        a = attention(q.reshape(B, T, H, dh), k_all.reshape(B, S, H, dh), v_all.reshape(B, S, H, dh),
-                      **attn.kwargs(self.chunk_size), implementation=self.attention_impl)
+        kv_cache = None
+        if layer is not None:
+            k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+            kv_cache = KVCache(cache.k, cache.v, (cache.step, layer))
+        a = attention(q.reshape(B, T, H, dh), k.reshape(B, T, H, dh), v.reshape(B, T, H, dh),
+                      **attn.kwargs(self.chunk_size), kv_cache=kv_cache, implementation=self.attention_impl)
         a = dense(self.dim, "to_out")(a.reshape(B, T, inner)).astype(jnp.float32)
         if row_keep is not None:
             a = jnp.where(row_keep[:, :, None], a, 0.0)  # upstream masked_fill(~mask[:, 0, -1], 0)
@@ -165,7 +154,7 @@ class DiTBlock(nn.Module):
         f = dense(self.dim * self.ff_mult, "ff_in")(h)
         f = jax.nn.gelu(f.astype(jnp.float32), approximate=True).astype(self.dtype)
         f = dense(self.dim, "ff_out")(f).astype(jnp.float32)
-        return x + gate_mlp * f, (None if kv is None else (k, v))
+        return x + gate_mlp * f, (None if layer is None else (k, v))
 
 
 class DiT(nn.Module):
@@ -208,7 +197,7 @@ class DiT(nn.Module):
 
         start = 0 if cache is None else jnp.asarray(cache.start, jnp.int32)
         cos, sin = rope_tables(T, c.dim_head, c.rope_base, start)
-        kv = None
+        layers = None
         chunk = c.static_chunk_size if streaming else 0
         # Streaming: the chunk rule and key lengths go to `attention` as such (not a dense [T, S] mask):
         # its tiled path gives bit-identical rows with or without a cache, and skips keys past the valid
@@ -216,12 +205,12 @@ class DiT(nn.Module):
         if cache is not None:
             if mask is not None:
                 raise FlowInputError("DiT: pass mask=None with a cache (key validity comes from cache.start/n_valid)")
+            if not chunk:  # full attention would let earlier frames see the new ones: nothing to keep
+                raise FlowInputError("DiT: a cache needs the streaming chunk mask (streaming=True, "
+                                     "static_chunk_size > 0)")
             row_keep = jnp.broadcast_to(jnp.arange(T)[None, :] < cache.n_valid, (B, T))
-            kv = (cache.k, cache.v)
-            if chunk:
-                attn = AttnSpec(None, jnp.broadcast_to(start + cache.n_valid, (B,)), start)
-            else:
-                attn = AttnSpec(cached_attention_mask(start, cache.n_valid, T, cache.k.shape[2], 0), None, None)
+            layers = jnp.arange(c.depth, dtype=jnp.int32)
+            attn = AttnSpec(None, jnp.broadcast_to(start + cache.n_valid, (B,)), start)
         elif mask is None:
             row_keep = None
             attn = AttnSpec(None, None, None)
@@ -236,7 +225,7 @@ class DiT(nn.Module):
         blocks = nn.scan(DiTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, 0), length=c.depth)
         h, new_kv = blocks(c.dim, c.heads, c.dim_head, c.ff_mult, self.dtype, self.attention_impl, chunk,
-                           name="blocks")(h, (temb, cos, sin, attn, row_keep, start), kv)
+                           name="blocks")(h, (temb, cos, sin, attn, row_keep, cache), layers)
 
         mod = nn.Dense(2 * c.dim, name="norm_out")(nn.silu(temb))
         scale, shift = jnp.split(mod[:, None, :], 2, axis=-1)  # (scale, shift) order (PITFALLS 6)

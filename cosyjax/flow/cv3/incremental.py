@@ -41,14 +41,16 @@ from cosyjax.flow.cv3.config import FlowCV3Config
 from cosyjax.flow.cv3.dit import DiTCache
 from cosyjax.flow.cv3.model import FlowCV3, flow_inference
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, bucket_for, seed0_noise_np
+from cosyjax.nn.attention import KEY_BLOCKS_PER_TILE
 
 __all__ = ["IncrementalFlowCV3", "IncrementalFlowError", "incremental_chunk", "init_state", "grow_state",
            "DEFAULT_CACHE_BUCKETS", "DEFAULT_NEW_FRAME_BUCKETS"]
 
-# Cache capacities in mel frames (powers of two up to upstream's 15000-frame noise buffer): few
-# reallocations/compiles. Unused capacity costs memory only: attention visits the key blocks below the
-# valid prefix (`attention(..., q_offset=...)`'s tiled path), not the whole buffer.
-DEFAULT_CACHE_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 15000)
+# Cache capacities in mel frames (doubling multiples of the attention's 200-frame key tile, up to
+# upstream's 15000-frame noise buffer): few reallocations/compiles. Unused capacity costs memory only:
+# attention reads the key tiles below the valid prefix in place (`attention(..., kv_cache=...)`), and
+# nothing copies the whole buffer.
+DEFAULT_CACHE_BUCKETS = (400, 800, 1600, 3200, 6400, 12800, 15000)
 # New frames per call: multiples of the 50-frame chunk (upstream hops are 50 / 100 / 200 frames).
 DEFAULT_NEW_FRAME_BUCKETS = (50, 100, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200, 4800, 6400, 9600, 15000)
 
@@ -101,27 +103,25 @@ def incremental_chunk(params, state, tokens, n_win, left, cond, noise, embedding
     t_in, dts = euler_schedule(n_timesteps, cfg.t_scheduler)
     c_cond, c_unc = np.float32(1.0 + cfg.inference_cfg_rate), np.float32(cfg.inference_cfg_rate)
 
-    z = jnp.int32(0)
-
-    # The cache is the scan carry, read at step s and written in place at [s, ..., start]; the donated
-    # buffer is aliased to the output (compiled `memory_analysis().alias_size_in_bytes` = state size).
-    def step(carry, xs):
-        x, st = carry
-        s, t, dt = xs
-        at_s = lambda a: jax.lax.dynamic_index_in_dim(a, s, keepdims=False)  # noqa: E731
-        cache = DiTCache(at_s(st["k"]), at_s(st["v"]), at_s(st["conv_in"]), at_s(st["conv_mid"]), start, n_valid)
+    # The cache buffers are read in place by every step's attention tiles (`DiTCache.step`, the layer
+    # index) and written once after the ODE loop: the donated buffer is aliased to the output, so a
+    # call copies nothing proportional to the cache capacity.
+    def step(x, xs):
+        s, t, dt, conv_in, conv_mid = xs
+        cache = DiTCache(state["k"], state["v"], s, conv_in, conv_mid, start, n_valid)
         x_in = jnp.broadcast_to(x, (rows,) + x.shape[1:])
         v_raw, upd = module.apply(variables, x_in, None, mu, jnp.full((rows,), t, jnp.float32), spks, cond,
                                   True, cache, method=FlowCV3.estimate)
         vel = c_cond * v_raw[:1] - c_unc * v_raw[1:] if use_cfg else v_raw
-        put = lambda a, u, *at: jax.lax.dynamic_update_slice(a, u[None].astype(a.dtype), (s,) + at)  # noqa: E731
-        st = {"k": put(st["k"], upd.k, z, z, start, z), "v": put(st["v"], upd.v, z, z, start, z),
-              "conv_in": put(st["conv_in"], upd.conv_in, z, z, z),
-              "conv_mid": put(st["conv_mid"], upd.conv_mid, z, z, z)}
-        return (x + dt * vel, st), None
+        return x + dt * vel, upd
 
-    steps = (jnp.arange(n_timesteps, dtype=jnp.int32), jnp.asarray(t_in), jnp.asarray(dts))
-    (x1, new_state), _ = jax.lax.scan(step, (noise[None].astype(jnp.float32), state), steps)
+    steps = (jnp.arange(n_timesteps, dtype=jnp.int32), jnp.asarray(t_in), jnp.asarray(dts),
+             state["conv_in"], state["conv_mid"])
+    x1, upd = jax.lax.scan(step, noise[None].astype(jnp.float32), steps)
+    z = jnp.int32(0)
+    put = lambda a, u: jax.lax.dynamic_update_slice(a, u.astype(a.dtype), (z, z, z, start, z))  # noqa: E731
+    new_state = {"k": put(state["k"], upd.k), "v": put(state["v"], upd.v),
+                 "conv_in": upd.conv_in, "conv_mid": upd.conv_mid}
     return x1[0], new_state
 
 
@@ -160,9 +160,10 @@ class IncrementalFlowCV3:
         if not (np.all(np.isfinite(feat)) and np.all(np.isfinite(emb))):
             raise IncrementalFlowError("prompt_feat / embedding contain NaN or Inf")
         self._check_vocab("prompt_token", self.prompt_token, cfg)
-        for name, b in (("cache_buckets", cache_buckets), ("new_frame_buckets", new_frame_buckets)):
-            if not b or any(int(x) % r for x in b):
-                raise IncrementalFlowError(f"{name} must be non-empty multiples of {r} frames, got {tuple(b)}")
+        tile = cfg.static_chunk_size * KEY_BLOCKS_PER_TILE  # the attention reads the cache in key tiles
+        for name, b, m in (("cache_buckets", cache_buckets, tile), ("new_frame_buckets", new_frame_buckets, r)):
+            if not b or any(int(x) % m for x in b):
+                raise IncrementalFlowError(f"{name} must be non-empty multiples of {m} frames, got {tuple(b)}")
         self.params, self.cfg = jax.device_put(params), cfg  # uploaded once, not on every chunk
         self.prompt_feat, self.embedding = feat, emb
         self.dtype, self.attention_impl, self.n_timesteps = str(jnp.dtype(dtype)), attention_impl, int(n_timesteps)
