@@ -108,15 +108,18 @@ def main(argv=None) -> int:
             ratio = times[-2] / times[1] if len(times) >= 3 else float("nan")
             # per emitted second: the schedule's hops double (50 -> 100 tokens) after the second chunk
             per_s = (times[-2] / samples[-2]) / (times[1] / samples[1]) if len(times) >= 3 else float("nan")
-            summary.append((seconds, m, times[0], ratio, per_s, sum(times)))
-    print(f"\n{'audio s':>7} {'mode':>12} {'TTFA s':>8} {'last/2nd':>9} {'per-audio-s':>12} {'total s':>9} "
-          f"{'speed-up':>9}")
-    totals = {(s, m): tot for s, m, _, _, _, tot in summary}
-    for s, m, ttfa, ratio, per_s, tot in summary:
+            # like for like: the last non-final chunk against the first one of the same (full) hop
+            same = [i for i in range(1, len(times) - 1) if samples[i] == samples[-2]]
+            like = times[-2] / times[same[0]] if same and same[0] < len(times) - 2 else float("nan")
+            summary.append((seconds, m, times[0], ratio, per_s, like, sum(times)))
+    print(f"\n{'audio s':>7} {'mode':>12} {'TTFA s':>8} {'last/2nd':>9} {'per-audio-s':>12} {'last/1st-full':>14} "
+          f"{'total s':>9} {'speed-up':>9}")
+    totals = {(s, m): tot for s, m, *_, tot in summary}
+    for s, m, ttfa, ratio, per_s, like, tot in summary:
         sp = totals.get((s, "recompute"), float("nan")) / tot
-        print(f"{s:>7g} {m:>12} {ttfa:>8.3f} {ratio:>9.2f} {per_s:>12.2f} {tot:>9.2f} {sp:>8.2f}x")
+        print(f"{s:>7g} {m:>12} {ttfa:>8.3f} {ratio:>9.2f} {per_s:>12.2f} {like:>14.2f} {tot:>9.2f} {sp:>8.2f}x")
     print("last/2nd: time of the last non-final chunk / the second chunk; per-audio-s: the same ratio per second "
-          "of audio each chunk emits")
+          "of audio each chunk emits; last/1st-full: / the first chunk as long as the last (the same hop)")
     return 0
 
 

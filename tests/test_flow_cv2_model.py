@@ -114,6 +114,14 @@ def test_rel_position_attention_chunked_matches_reference(T):
     np.testing.assert_allclose(got[1, :4], want[1, :4], rtol=1e-5, atol=1e-5)  # rows past length 4: padding
 
 
+def test_rel_position_attention_cache_needs_the_chunk_mask():
+    mod, params, x, pos, _ = _rel_attention_case(0)
+    S = x.shape[1]
+    cache = (jnp.zeros((2, S, 2, 8)), jnp.zeros((2, S, 2, 8)))
+    with pytest.raises(ValueError, match="needs the streaming chunk mask"):
+        mod.apply({"params": params}, x, pos, AttnSpec(q_offset=jnp.int32(0)), cache)
+
+
 # ---- golden parity --------------------------------------------------------------------------
 
 @needs_golden

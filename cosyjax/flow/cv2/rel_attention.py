@@ -46,7 +46,8 @@ class RelPositionMultiHeadedAttention(nn.Module):
     keys (`spec.kv_lengths`); returns (out, (k, v)). Scores depend on i - j only, so the position term
     of a new query against a cached key uses table row (S-1) - (i-j), exactly the row the full pass
     uses for that pair. With `chunk_size` (streaming) the position term goes to `attention` as a
-    `RelPos` (its tiled path computes it per tile: the same bits with or without a cache).
+    `RelPos` (its tiled path computes it per tile: the same bits with or without a cache). A cache
+    needs the chunk mask (with full attention earlier frames see later ones: nothing can be kept).
     """
 
     n_head: int
@@ -70,18 +71,17 @@ class RelPositionMultiHeadedAttention(nn.Module):
         k = dense("linear_k")(x).reshape(B, T, H, dk)
         v = dense("linear_v")(x).reshape(B, T, H, dk)
         offset = spec.q_offset
-        if cache is None or self.chunk_size:
-            table = pos_table
+        table = pos_table
         if cache is not None:
+            if not self.chunk_size:  # full attention lets cached frames see the new ones: nothing to keep
+                raise ValueError("a cached RelPositionMultiHeadedAttention call needs the streaming chunk "
+                                 "mask (chunk_size > 0)")
             if cache[0].shape != (B, S, H, dk) or cache[1].shape != (B, S, H, dk):
                 raise ValueError(f"cache must be two [{B}, S, {H}, {dk}] buffers, got {cache[0].shape}, "
                                  f"{cache[1].shape}")
             at = (0, offset, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
-            if not self.chunk_size:
-                # relative positions offset-(S-1) .. offset+T-1, i.e. table rows S-T-offset .. 2S-2-offset
-                table = jax.lax.dynamic_slice_in_dim(pos_table, S - T - offset, T + S - 1, axis=0)
         p = dense("linear_pos", bias=False)(table.astype(self.dtype)).reshape(table.shape[0], H, dk)
         pos_bias_u = self.param("pos_bias_u", nn.initializers.zeros, (H, dk), jnp.float32)
         pos_bias_v = self.param("pos_bias_v", nn.initializers.zeros, (H, dk), jnp.float32)
