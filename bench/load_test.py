@@ -145,7 +145,7 @@ def spawn_server(args):
            "--max-batch", str(args.max_batch), "--log-level", "warning",
            "--voices-dir", os.path.join(args.workdir, "voices")]
     cmd += ["--warmup"] if not args.no_warmup else []
-    cmd += ["--stream-slots", str(args.stream_slots)]
+    cmd += ["--stream-slots", str(args.stream_slots), "--stream-batching", args.stream_batching]
     log = open(os.path.join(args.workdir, "server.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--soak-mode", default="batch,stream", help="modes alternated in the soak")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--stream-slots", type=int, default=8)
+    p.add_argument("--stream-batching", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--startup-timeout", type=float, default=1500.0)

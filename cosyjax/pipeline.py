@@ -28,6 +28,7 @@ from cosyjax.errors import CosyJaxError
 from cosyjax.model_input import ModelInput
 from cosyjax.nn.numerics import Numerics
 from cosyjax.pipeline_ops import filter_silent_batch, length_mask, resize_linear
+from cosyjax.stage_batch import run_alone
 from cosyjax.streaming import MAX_SILENT_RUN, StreamConfig
 
 __all__ = ["PipelineConfig", "StaticShapes", "Engine", "make_mesh", "prepare_inputs", "prepare_params",
@@ -400,7 +401,8 @@ class Engine:
     # ---- one request -----------------------------------------------------------------------------
     def generate(self, mi, *, stream: bool = False, speed: float = 1.0, key=None, records: Optional[list] = None,
                  tokens: Optional[Iterable] = None, noise_provider: Optional[NoiseProvider] = None,
-                 incremental: bool = True, llm_hop: int = 16, llm_kwargs: Optional[dict] = None) -> Iterator[dict]:
+                 incremental: bool = True, llm_hop: int = 16, llm_kwargs: Optional[dict] = None,
+                 stage_runner: Optional[Callable] = None) -> Iterator[dict]:
         """`CosyVoice2Model.tts` for one model input: yields {'tts_speech': float32 [1, N]} (streaming: one per
         chunk, plus 'work' = {'flow_frames', 'vocoder_frames'} the chunk computed).
 
@@ -408,6 +410,8 @@ class Engine:
         a recorded LLM stream); the silent filter still applies. incremental: streaming with cached flow and
         vocoder state (False: recompute the prefix every chunk, upstream's algorithm, the reference).
         noise_provider(call, frames) -> {'noise': ...}: injected vocoder noise (parity).
+        stage_runner: runs the incremental stages' device calls (`cosyjax.stage_batch`; default: alone), e.g.
+        a `StageGang` shared by concurrent streams.
         """
         key = jax.random.PRNGKey(0) if key is None else key
         cfg = self.config
@@ -443,8 +447,9 @@ class Engine:
             silent = cfg.silent_tokens
         else:
             token_iter, silent = self._llm_token_stream(m, k_llm, llm_hop, llm_kwargs), cfg.silent_tokens
-        t2w = streaming.make_token2wav(cfg.version, self.flow_stage(m, incremental),
-                                       self.vocoder_stage(k_voc, noise_provider, incremental), cfg.stream)
+        run = stage_runner or run_alone
+        t2w = streaming.make_token2wav(cfg.version, self.flow_stage(m, incremental, run),
+                                       self.vocoder_stage(k_voc, noise_provider, incremental, run), cfg.stream)
         yield from streaming.run_stream(token_iter, t2w, m.prompt_len, silent_tokens=silent, config=cfg.stream,
                                         records=records)
 
@@ -454,7 +459,7 @@ class Engine:
             yield out["tts_speech"]
 
     # ---- streaming stages --------------------------------------------------------------------------
-    def flow_stage(self, m, incremental: bool):
+    def flow_stage(self, m, incremental: bool, run: Callable = run_alone):
         """The streaming flow stage of one model input (`ModelInput` or upstream dict): `chunk()` / `final()`."""
         from cosyjax.streaming import RecomputeFlow
 
@@ -466,13 +471,16 @@ class Engine:
         if not incremental:
             return RecomputeFlow(_flow_module(self.config.version).flow_inference, *args, dtype=num.dtype,
                                  attention_impl=num.attention)
-        if self.config.version == "cosyvoice2":
-            from cosyjax.flow.cv2.incremental import IncrementalFlowCV2 as Incremental
-        else:
-            from cosyjax.flow.cv3.incremental import IncrementalFlowCV3 as Incremental
-        return Incremental(*args, dtype=num.dtype, attention_impl=num.attention)
+        if self.config.version == "cosyvoice2":  # its calls run alone (not a `StageCall` yet)
+            from cosyjax.flow.cv2.incremental import IncrementalFlowCV2
 
-    def vocoder_stage(self, key, noise_provider: Optional[NoiseProvider], incremental: bool):
+            return IncrementalFlowCV2(*args, dtype=num.dtype, attention_impl=num.attention)
+        from cosyjax.flow.cv3.incremental import IncrementalFlowCV3
+
+        return IncrementalFlowCV3(*args, dtype=num.dtype, attention_impl=num.attention, run=run)
+
+    def vocoder_stage(self, key, noise_provider: Optional[NoiseProvider], incremental: bool,
+                      run: Callable = run_alone):
         """CosyVoice2: `vocoder(mel, cache_source) -> (speech, source)` (new frames + the 8-frame cache, noise
         per call); CosyVoice3: a stage with `push(mel_new, finalize) -> (speech, frames)`."""
         voc = _vocoder()
@@ -498,7 +506,7 @@ class Engine:
         if incremental:
             from cosyjax.hift.incremental import IncrementalVocoderCV3
 
-            return IncrementalVocoderCV3(params, cfg.hift, noise=noise)
+            return IncrementalVocoderCV3(params, cfg.hift, noise=noise, run=run)
         from cosyjax.streaming import RecomputeVocoderCV3
 
         return RecomputeVocoderCV3(lambda mel, finalize: np.asarray(voc.vocode(

@@ -60,8 +60,8 @@ def test_incremental_equals_recompute(version, seconds):
     mels = {True: [], False: []}
     stage = engine.flow_stage
 
-    def recording_stage(m, incremental):  # keep each chunk's mel to compare the flow alone too
-        inner = stage(m, incremental)
+    def recording_stage(m, incremental, run):  # keep each chunk's mel to compare the flow alone too
+        inner = stage(m, incremental, run)
 
         class Rec:
             def chunk(self, *a):

@@ -24,6 +24,7 @@ frames (`cv2_vocoder_frames`).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import numpy as np
 import jax
@@ -33,6 +34,7 @@ from cosyjax.errors import CosyJaxError
 from cosyjax.hift.config import HiFTConfig, causal_padding
 from cosyjax.hift.f0_predictor import x64_enabled
 from cosyjax.hift.source import default_noise
+from cosyjax.stage_batch import StageCall, run_alone
 from cosyjax.hift.vocoder import (DEFAULT_BUCKETS, PHASE_DTYPE, _f0_window_jit, _split, _trims, _wave_jit,
                                   bucket_length, device_params, f0_dtype)
 
@@ -131,7 +133,7 @@ class IncrementalVocoderCV3:
     """
 
     def __init__(self, params, cfg: HiFTConfig, *, noise=None, key=None, precision=None, dtype=None,
-                 buckets=INCREMENTAL_BUCKETS):
+                 buckets=INCREMENTAL_BUCKETS, run: Callable = run_alone):
         if not isinstance(cfg, HiFTConfig):
             raise IncrementalInputError(f"cfg must be a HiFTConfig, got {type(cfg).__name__}")
         if not cfg.causal:
@@ -141,6 +143,7 @@ class IncrementalVocoderCV3:
         self.params = params if _placed(params, cfg) else device_params(params, cfg)
         self._f0_params, self._rest = _split(self.params)
         self.precision, self.dtype, self.buckets = precision, dtype, tuple(buckets)
+        self.run = run  # runs the two programs' `StageCall`s (`cosyjax.stage_batch`: alone or with other streams)
         self.context = left_context_frames(cfg)
         self.f0_context = f0_left_context(cfg)
         h = cfg.num_harmonics
@@ -228,13 +231,14 @@ class IncrementalVocoderCV3:
         next_start = 0 if finalize else max(0, stop // u - self.context)
         need = t * u if finalize else (t - c.f0_lookahead) * u
         noise = self._noise_window(g0 * u, t * u, need, tb * u)
-        with x64_enabled():
-            f0, phase, carry = _f0_window_jit(self._f0_params, f0_in, np.array([t - f0_start], np.int32),
-                                              np.int32(g0 - f0_start), self._carry, np.int32(next_start - g0),
-                                              cfg=c, context=k)
-        wav, _, _ = _wave_jit(self._rest, gen_in, np.array([w], np.int32), f0, phase, noise, None, None,
-                              _trims(c, finalize), cfg=c, precision=self.precision, dtype=self.dtype,
-                              intermediates=False)
+        f0, phase, carry = self.run(StageCall(
+            _f0_window_jit, (self._f0_params,),
+            (f0_in, np.array([t - f0_start], np.int32), np.int32(g0 - f0_start), self._carry,
+             np.int32(next_start - g0)), static=(("cfg", c), ("context", k)), context=x64_enabled))
+        wav, _, _ = self.run(StageCall(
+            _wave_jit, (self._rest,), (gen_in, np.array([w], np.int32), f0, phase, noise, None, None,
+                                       _trims(c, finalize)),
+            static=(("cfg", c), ("dtype", self.dtype), ("intermediates", False), ("precision", self.precision))))
         audio = np.asarray(wav[:, self.emitted_samples - g0 * u: stop - g0 * u], np.float32)
         self.total_frames, self.emitted_samples = t, stop
         self._carry, self._window_start = carry, next_start

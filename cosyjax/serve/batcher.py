@@ -7,8 +7,10 @@ interleaves streams.
   row, so a new batch size inside a bucket reuses the compiled program; padded rows are dropped.
   Each row equals what the request gives alone with its key (the core vmaps over rows).
 * Streams: each is a generator of audio chunks; the worker advances every active stream by one chunk
-  per round (round robin), between batches. A cancelled stream (client gone) is closed at the next
-  round and its generator's work stops.
+  per round, between batches. A cancelled stream (client gone) is closed at the next round and its
+  generator's work stops. Without a `gang` the streams of a round advance one after the other; with
+  one (`cosyjax.stage_batch.StageGang`) each advances in its own thread inside `gang.member()`, so
+  their stage calls meet and run batched, and the round ends when every stream has its chunk.
 
 The worker only calls the two functions it is given, so the scheduling is testable without a model.
 """
@@ -91,8 +93,10 @@ class Scheduler:
     `stream` calls `emit('chunk', [n] float32)` per chunk, then `emit('done', None)` or `emit('error', exc)`."""
 
     def __init__(self, run_batch: RunBatch, open_stream: OpenStream, config: BatchConfig = BatchConfig(),
-                 on_batch: Optional[Callable[[int, int, float], None]] = None):
+                 on_batch: Optional[Callable[[int, int, float], None]] = None, gang=None):
         self.run_batch, self.open_stream, self.config = run_batch, open_stream, config
+        self.gang = gang
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None  # stream threads (with a gang)
         self.on_batch = on_batch  # (real rows, padded rows, seconds) after every batch, for metrics
         self._cv = threading.Condition()
         self._jobs: collections.deque[_Job] = collections.deque()
@@ -115,6 +119,9 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     @property
     def alive(self) -> bool:
@@ -225,25 +232,43 @@ class Scheduler:
                     t.emit("error", e)
         with self._cv:
             streams = [t for t in self._streams if t.gen is not None or t.cancelled]  # newcomers open next round
+        live = [t for t in streams if not t.cancelled]
+        if self.gang is not None and len(live) > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="cosyjax-stream")
+            self.gang.enter(len(live))  # all count as running before any starts: none calls alone
+            futures = {id(t): self._pool.submit(self._advance_in_gang, t) for t in live}
+            outcome = {k: f.result() for k, f in futures.items()}
+        else:
+            outcome = {id(t): self._advance(t) for t in live}
         for t in streams:
             finished, error = False, None
             if t.cancelled:
                 finished = True
                 self.cancelled_streams += 1
             else:
-                try:
-                    chunk = next(t.gen)
-                    t.emit("chunk", np.asarray(chunk, np.float32).reshape(-1))
-                except StopIteration:
-                    finished = True
-                except Exception as e:  # this stream fails alone; the others continue
-                    finished, error = True, e
+                finished, error = outcome[id(t)]
             if finished:
                 t.close()
                 with self._cv:
                     self._streams.remove(t)
                 if not t.cancelled:
                     t.emit("error", error) if error is not None else t.emit("done", None)
+
+    def _advance(self, t: StreamTicket) -> tuple[bool, Optional[BaseException]]:
+        """One chunk of stream t, emitted -> (finished, error)."""
+        try:
+            chunk = next(t.gen)
+            t.emit("chunk", np.asarray(chunk, np.float32).reshape(-1))
+        except StopIteration:
+            return True, None
+        except Exception as e:  # this stream fails alone; the others continue
+            return True, e
+        return False, None
+
+    def _advance_in_gang(self, t: StreamTicket) -> tuple[bool, Optional[BaseException]]:
+        with self.gang.member(entered=True):
+            return self._advance(t)
 
     def _loop(self) -> None:
         while True:

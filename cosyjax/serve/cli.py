@@ -41,6 +41,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--stream-slots", type=int, default=8,
                    help="LLM slots shared by concurrent streams (one batched decode program; 0: off)")
     s.add_argument("--stream-capacity", type=int, default=1024, help="KV entries per stream slot")
+    s.add_argument("--stream-batching", default="auto", choices=("auto", "on", "off"),
+                   help="run concurrent streams' flow/vocoder calls as one batched call (auto: on unless on CPU)")
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     s.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "pallas"))
     s.add_argument("--sampling", default="ras", choices=("ras", "greedy"))
@@ -94,7 +96,8 @@ def config_from_args(args, model_dir: str):
                        voices=tuple(voices), api_key=args.api_key or None, max_batch=args.max_batch,
                        batch_window_ms=args.batch_window_ms, max_input_chars=args.max_input_chars,
                        max_upload_bytes=int(args.max_upload_mb * 2 ** 20), text_frontend=not args.no_text_frontend,
-                       stream_slots=args.stream_slots, stream_capacity=args.stream_capacity)
+                       stream_slots=args.stream_slots, stream_capacity=args.stream_capacity,
+                       batch_streams={"auto": None, "on": True, "off": False}[args.stream_batching])
 
 
 def load_tts(model_dir: str, args):

@@ -29,7 +29,7 @@ matmul dtype), `conv_in`, `conv_mid` [n_steps, 2, K-1, dim] float32. S (cache ca
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from cosyjax.flow.cv3.dit import DiTCache
 from cosyjax.flow.cv3.model import FlowCV3, flow_inference
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, bucket_for, seed0_noise_np
 from cosyjax.nn.attention import KEY_BLOCKS_PER_TILE
+from cosyjax.stage_batch import StageCall, run_alone
 
 __all__ = ["IncrementalFlowCV3", "IncrementalFlowError", "incremental_chunk", "init_state", "grow_state",
            "DEFAULT_CACHE_BUCKETS", "DEFAULT_NEW_FRAME_BUCKETS"]
@@ -143,7 +144,7 @@ class IncrementalFlowCV3:
                  attention_impl="auto", n_timesteps=10, max_tokens: Optional[int] = None,
                  cache_buckets: Sequence[int] = DEFAULT_CACHE_BUCKETS,
                  new_frame_buckets: Sequence[int] = DEFAULT_NEW_FRAME_BUCKETS,
-                 token_buckets: Sequence[int] = DEFAULT_BUCKETS):
+                 token_buckets: Sequence[int] = DEFAULT_BUCKETS, run: Callable = run_alone):
         if cfg.static_chunk_size <= 0:
             raise IncrementalFlowError("incremental streaming needs the block-causal chunk mask "
                                        f"(static_chunk_size > 0), got {cfg.static_chunk_size}")
@@ -169,6 +170,7 @@ class IncrementalFlowCV3:
         self.dtype, self.attention_impl, self.n_timesteps = str(jnp.dtype(dtype)), attention_impl, int(n_timesteps)
         self.cache_buckets, self.new_frame_buckets = tuple(sorted(cache_buckets)), tuple(sorted(new_frame_buckets))
         self.token_buckets = tuple(token_buckets)
+        self.run = run  # runs each chunk's `StageCall` (`cosyjax.stage_batch`: alone, or with other streams)
         self.max_frames = min(cfg.noise_frames, self.cache_buckets[-1])
         self.min_capacity = 0
         if max_tokens is not None:  # one allocation for the whole utterance
@@ -256,10 +258,13 @@ class IncrementalFlowCV3:
         noise = np.zeros((F, c.mel_dim), np.float32)
         n_noise = min(F, c.noise_frames - start)
         noise[:n_noise] = seed0_noise_np(start + n_noise, c.mel_dim)[0, start:]
-        mel, self.state = incremental_chunk(
-            self.params, self.state, tok, np.int32(win.shape[0]), np.int32(left), cond, noise, self.embedding,
-            np.int32(start), np.int32(n_new), cfg=c, n_timesteps=self.n_timesteps, dtype=self.dtype,
-            attention_impl=self.attention_impl)
+        state, self.state = self.state, None  # donated to the call
+        mel, self.state = self.run(StageCall(
+            incremental_chunk, (self.params,),
+            (state, tok, np.int32(win.shape[0]), np.int32(left), cond, noise, self.embedding, np.int32(start),
+             np.int32(n_new)),
+            static=(("attention_impl", self.attention_impl), ("cfg", c), ("dtype", self.dtype),
+                    ("n_timesteps", self.n_timesteps)), donate=(0,)))
         first = r * (P + token_offset) - start  # the first call also solved the prompt frames
         out = np.asarray(mel)[first:n_new][None]
         self.frames_done, self.emitted, self.tokens_seen = end, n_tokens - L, tokens.copy()
