@@ -251,6 +251,19 @@ def test_batched_streams_equal_solo_streams(env):
     assert pool.active() == 0
 
 
+def test_warmup_compiles_the_batched_stream_programs(env):
+    """With stream batching on, `--warmup` runs 2, 4, ... lockstep streams on the service's gang."""
+    from cosyjax.serve.app import ServeConfig, create_app
+    from cosyjax.serve.cli import warmup
+
+    app = create_app(env["tts"], ServeConfig(voices=(("demo", env["prompt"]),), batch_streams=True, stream_slots=2,
+                                             max_batch=1))
+    gang = app.state.service.gang
+    assert gang is not None
+    warmup(app)
+    assert set(gang.groups) == {2} and gang.groups[2] >= 3  # flow chunk, f0 and wave programs, each as a pair
+
+
 def test_models_and_metrics(env):
     ids = [m["id"] for m in env["client"].get("/v1/models").json()["data"]]
     assert ids[0] == "cosyvoice3-demo" and "tts-1" in ids

@@ -129,6 +129,37 @@ def warmup(app) -> None:
         (lambda mi, key: svc.tts.engine.tts(mi, stream=True, key=key))
     for _ in open_stream(inputs[0], keys[0]):  # before the worker starts: this thread owns the slots
         pass
+    if svc.gang is not None and svc.slot_streams is not None:  # the vmapped stage programs, per group bucket
+        _warm_stream_groups(svc, inputs[0], keys[0])
+
+
+def _warm_stream_groups(svc, mi, key) -> None:
+    """Run 2, 4, ... identical streams through a scratch scheduler on the service's gang (lockstep: one
+    group each call), so that concurrent streams find their batched programs compiled."""
+    import threading
+
+    from cosyjax.serve.batcher import Scheduler
+
+    n_max = svc.slot_streams.free_count()
+    b = 2
+    while b <= n_max:
+        print(f"warmup: {b} streams batched", file=sys.stderr)
+        left, done = [b], threading.Event()
+
+        def emit(kind, value):
+            if kind != "chunk":
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+        sch = Scheduler(None, svc.slot_streams.open, gang=svc.gang).start()
+        try:
+            for _ in range(b):
+                sch.stream([mi], [key], emit)
+            done.wait()
+        finally:
+            sch.stop()
+        b *= 2
 
 
 def run(args) -> int:
