@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["StageCall", "StageGang", "run_alone"]
+__all__ = ["StageCall", "StageGang", "pow2_bucket", "run_alone"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -48,8 +48,7 @@ class StageCall:
     def key(self) -> tuple:
         """Calls with equal keys can run as one vmapped program."""
         leaves, tree = jax.tree_util.tree_flatten(self.rows)
-        sig = tuple((tuple(np.shape(a)), str(np.asarray(a).dtype) if not hasattr(a, "dtype") else str(a.dtype))
-                    for a in leaves)
+        sig = tuple((np.shape(a), str(a.dtype) if hasattr(a, "dtype") else type(a).__name__) for a in leaves)
         shared = tuple(id(a) for a in jax.tree_util.tree_leaves(self.shared))
         return (self.fn, self.static, shared, tree, sig, self.donate, self.context)
 
@@ -60,7 +59,8 @@ def run_alone(call: StageCall):
         return call.fn(*call.shared, *call.rows, **dict(call.static))
 
 
-def _bucket(n: int) -> int:
+def pow2_bucket(n: int) -> int:
+    """Rows a group of n runs with: the next power of two (so a new group size reuses a program)."""
     b = 1
     while b < n:
         b *= 2
@@ -161,7 +161,7 @@ class StageGang:
                 self._firing = False
                 self._cv.notify_all()
 
-    def _program(self, call: StageCall, n_rows: int):
+    def _program(self, call: StageCall):
         key = (call.fn, call.static, len(call.shared), len(call.rows), call.donate)
         prog = self._programs.get(key)
         if prog is None:
@@ -179,11 +179,11 @@ class StageGang:
         if len(calls) == 1:
             return [run_alone(calls[0])]
         n = len(calls)
-        rows = n if not self.pad_to_bucket else _bucket(n)
+        rows = n if not self.pad_to_bucket else pow2_bucket(n)
         calls_padded = calls + [calls[-1]] * (rows - n)
         first = calls[0]
         with (first.context() if first.context is not None else contextlib.nullcontext()):  # float64 rows stay
             stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
                                              *[c.rows for c in calls_padded])
-            out = self._program(first, rows)(*first.shared, *stacked)
+            out = self._program(first)(*first.shared, *stacked)
             return [jax.tree_util.tree_map(lambda a, i=i: a[i], out) for i in range(n)]

@@ -34,9 +34,9 @@ from cosyjax.errors import CosyJaxError
 from cosyjax.hift.config import HiFTConfig, causal_padding
 from cosyjax.hift.f0_predictor import x64_enabled
 from cosyjax.hift.source import default_noise
-from cosyjax.stage_batch import StageCall, run_alone
 from cosyjax.hift.vocoder import (DEFAULT_BUCKETS, PHASE_DTYPE, _f0_window_jit, _split, _trims, _wave_jit,
                                   bucket_length, device_params, f0_dtype)
+from cosyjax.stage_batch import StageCall, run_alone
 
 __all__ = ["INCREMENTAL_BUCKETS", "IncrementalInputError", "IncrementalVocoderCV3", "cv2_vocoder_frames",
            "earliest_inputs", "f0_left_context", "left_context_frames"]

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from cosyjax.stage_batch import pow2_bucket
+
 __all__ = ["BatchConfig", "Scheduler", "StreamTicket", "batch_bucket"]
 
 log = logging.getLogger("cosyjax.serve")
@@ -49,10 +51,7 @@ class BatchConfig:
 
 def batch_bucket(n: int, max_batch: int) -> int:
     """Rows a batch of n segments runs with: the next power of two, capped at max(max_batch, n)."""
-    b = 1
-    while b < n:
-        b *= 2
-    return max(n, min(b, max_batch))
+    return max(n, min(pow2_bucket(n), max_batch))
 
 
 @dataclasses.dataclass(eq=False)

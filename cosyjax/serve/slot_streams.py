@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Iterator, Optional
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -49,7 +49,7 @@ class SlotStreams:
         while True:
             with self._lock:  # another stream's step may have filled the buffer meanwhile
                 if buf:
-                    item: Optional[np.ndarray] = buf.popleft()
+                    item = buf.popleft()
                 elif bool(self._slots.finished(self.state)[slot]):
                     return
                 else:
