@@ -21,6 +21,7 @@ from tests.conftest import GOLDEN
 # Issue 9's bound on every chunk's audio. The flows are bit-identical in the two modes (asserted: the mel of
 # every chunk is array_equal): attention runs in fixed-shape tiles on the absolute chunk grid and the norms
 # reduce with a row-count-independent pairwise sum (`cosyjax.nn.attention`, `cosyjax.nn.layers.feature_mean`),
+# the convolutions are `RowStableConv` (XLA's CPU conv is length-dependent on some CPUs: failed here before),
 # so a frame gets the same bits among all frames (recompute) as among the new ones against a cache. The
 # vocoders are exact given the same mel, so the audio matches too (measured 0.0 at 30 s and 60 s, both versions).
 AUDIO_TOL = 1e-5

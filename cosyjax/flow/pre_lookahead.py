@@ -18,6 +18,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cosyjax.nn.layers import RowStableConv
+
 __all__ = ["PreLookaheadLayer"]
 
 
@@ -41,8 +43,8 @@ class PreLookaheadLayer(nn.Module):
                 raise ValueError(f"context must be [B, {L}, {C}], got {context.shape}")
             right = context.astype(x.dtype)
         h = jnp.concatenate([x, right], axis=1)
-        h = nn.Conv(self.channels, (L + 1,), padding="VALID", dtype=self.dtype, name="conv1")(h)
+        h = RowStableConv(self.channels, L + 1, dtype=self.dtype, name="conv1")(h)
         h = nn.leaky_relu(h, negative_slope=0.01)
         h = jnp.pad(h, ((0, 0), (2, 0), (0, 0)))
-        h = nn.Conv(C, (3,), padding="VALID", dtype=self.dtype, name="conv2")(h)
+        h = RowStableConv(C, 3, dtype=self.dtype, name="conv2")(h)
         return h.astype(x.dtype) + x

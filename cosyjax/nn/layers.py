@@ -8,6 +8,9 @@
 * `sinusoidal_embedding(t, dim, scale)`: [sin, cos] flow-time embedding (DiT 256-d, U-Net 320-d).
 * `length_mask(lengths, T)`: [B, T] validity mask (True = valid), the one padding mask.
 * `causal_pad(x, k, dilation)`: left zero padding of (k-1)*dilation frames along time ([B, T, C]).
+* `RowStableConv`: a VALID (grouped) 1-D convolution with `nn.Conv`'s parameters whose output frames'
+  bits do not depend on the sequence length (im2col + one plain dot per group), for the paths that
+  exact incremental streaming compares (`cosyjax.flow.cv3.dit`, streaming).
 * `Linear`, `Embedding`, `RMSNorm`: the Qwen2 backbone's layers (explicit compute / output dtypes; RMSNorm
   statistics in float32); the flows use flax `nn.Dense` / `nn.Embed` with an explicit `dtype`.
 """
@@ -20,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["feature_mean", "layer_norm", "LayerNorm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad", "Linear",
-           "Embedding", "RMSNorm"]
+__all__ = ["feature_mean", "layer_norm", "LayerNorm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad", "RowStableConv",
+           "Linear", "Embedding", "RMSNorm"]
 
 
 def feature_mean(x):
@@ -97,6 +100,42 @@ def length_mask(lengths, T: int):
 def causal_pad(x, kernel_size: int, dilation: int = 1):
     """x [B, T, C] -> [B, T + (k-1)*d, C]: zeros on the left, so a VALID conv is causal."""
     return jnp.pad(x, ((0, 0), ((kernel_size - 1) * dilation, 0), (0, 0)))
+
+
+class RowStableConv(nn.Module):
+    """x [B, L, C] -> [B, L - k + 1, features]: `nn.Conv(features, (k,), padding='VALID',
+    feature_group_count=groups, dtype=dtype)` with the same parameters (kernel [k, C/groups, features],
+    bias), computed so that an output frame's bits depend only on its own k input frames.
+
+    Why: XLA's CPU convolution changes its accumulation order with the length (on some CPUs frames of a
+    200-frame call differ in the last bit from the same frames of a 1200-frame call), and exact
+    incremental streaming computes the same frames among different numbers of frames. Here the k
+    shifted copies of each group's input are stacked (im2col) and contracted by one plain 2-D dot per
+    group, whose rows are independent of the row count (checked for >= 100 rows, as the DiT's CFG pair
+    of >= 50-frame chunks always has; `tests/test_layers.py`). Costs k x the input in memory."""
+
+    features: int
+    kernel_size: int
+    groups: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        B, L, C = x.shape
+        k, G = self.kernel_size, self.groups
+        if C % G or self.features % G:
+            raise ValueError(f"RowStableConv: channels {C} and features {self.features} must divide by groups {G}")
+        cin, og, T = C // G, self.features // G, L - k + 1
+        if T < 1:
+            raise ValueError(f"RowStableConv: {L} input frames are fewer than the kernel size {k}")
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, cin, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        dt = jnp.dtype(self.dtype)
+        x = x.astype(dt)
+        cols = jnp.stack([x[:, j:j + T] for j in range(k)], axis=2).reshape(B * T, k, G, cin)  # [BT, k, G, cin]
+        w = kernel.astype(dt).reshape(k, cin, G, og)
+        out = [jnp.dot(cols[:, :, g].reshape(B * T, k * cin), w[:, :, g].reshape(k * cin, og)) for g in range(G)]
+        return (jnp.concatenate(out, axis=-1).reshape(B, T, self.features) + bias.astype(dt)).astype(dt)
 
 
 _INIT = nn.initializers.normal(0.02)

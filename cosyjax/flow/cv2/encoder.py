@@ -28,7 +28,7 @@ from cosyjax.flow.cv2.rel_attention import RelPositionMultiHeadedAttention, rel_
 from cosyjax.flow.masks import attention_mask, padding_mask
 from cosyjax.nn.attention import AttnSpec
 from cosyjax.flow.pre_lookahead import PreLookaheadLayer
-from cosyjax.nn.layers import LayerNormF32
+from cosyjax.nn.layers import LayerNormF32, RowStableConv
 
 __all__ = ["LinearEmbed", "ConformerLayer", "EncoderUpsample1D", "EncoderWindow", "UpsampleConformerEncoder"]
 
@@ -108,7 +108,7 @@ class EncoderUpsample1D(nn.Module):
         if left.shape != (B, 2, C):
             raise ValueError(f"upsample left context must be [{B}, 2, {C}], got {left.shape}")
         x = jnp.repeat(jnp.concatenate([left, x], axis=1), s, axis=1)
-        return nn.Conv(self.out_channels, (2 * s + 1,), padding="VALID", dtype=self.dtype, name="conv")(x)
+        return RowStableConv(self.out_channels, 2 * s + 1, dtype=self.dtype, name="conv")(x)
 
 
 class EncoderWindow(NamedTuple):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from cosyjax.flow.cv2.config import UNetConfig
 from cosyjax.flow.masks import attention_mask
 from cosyjax.nn.attention import AttnSpec, attention
-from cosyjax.nn.layers import LayerNormF32, causal_pad, mish, sinusoidal_embedding
+from cosyjax.nn.layers import LayerNormF32, RowStableConv, causal_pad, mish, sinusoidal_embedding
 
 __all__ = ["sinusoidal_time_embedding", "mish", "CausalBlock1D", "CausalResnetBlock1D", "BasicTransformerBlock",
            "MidBlock", "CausalConditionalDecoder", "UNetWindow"]
@@ -52,7 +52,7 @@ def _causal_conv(x, features: int, k: int, dtype, name: str, left=None, commit=N
             raise ValueError(f"causal conv {name}: left context must be {(x.shape[0], k - 1, x.shape[2])}, "
                              f"got {left.shape}")
         xp = jnp.concatenate([left.astype(x.dtype), x], axis=1)
-    out = nn.Conv(features, (k,), padding="VALID", dtype=dtype, name=name)(xp)
+    out = RowStableConv(features, k, dtype=dtype, name=name)(xp)
     if left is None:
         return out
     return out, jax.lax.dynamic_slice_in_dim(xp, commit, k - 1, axis=1).astype(left.dtype)
@@ -102,7 +102,7 @@ class CausalResnetBlock1D(nn.Module):
         h = h + nn.Dense(self.dim_out, dtype=self.dtype, name="mlp")(mish(temb))[:, None, :]
         h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block2")(h, m, *ctx2)
         h, c2 = h if cached else (h, None)
-        h = h + nn.Conv(self.dim_out, (1,), padding="VALID", dtype=self.dtype, name="res_conv")(x * m)
+        h = h + RowStableConv(self.dim_out, 1, dtype=self.dtype, name="res_conv")(x * m)
         return (h, (c1, c2)) if cached else h
 
 
@@ -273,6 +273,6 @@ class CausalConditionalDecoder(nn.Module):
 
         h = keep("final_block", CausalBlock1D(C, c.ln_eps, self.dtype, name="final_block")(
             h, m, *conv_args("final_block")))
-        out = nn.Conv(c.out_channels, (1,), padding="VALID", dtype=jnp.float32, name="final_proj")(h * m)
+        out = RowStableConv(c.out_channels, 1, dtype=jnp.float32, name="final_proj")(h * m)
         out = out * mask[..., None].astype(out.dtype)
         return (out, new) if cached else out
