@@ -471,10 +471,10 @@ class Engine:
         if not incremental:
             return RecomputeFlow(_flow_module(self.config.version).flow_inference, *args, dtype=num.dtype,
                                  attention_impl=num.attention)
-        if self.config.version == "cosyvoice2":  # its calls run alone (not a `StageCall` yet)
+        if self.config.version == "cosyvoice2":
             from cosyjax.flow.cv2.incremental import IncrementalFlowCV2
 
-            return IncrementalFlowCV2(*args, dtype=num.dtype, attention_impl=num.attention)
+            return IncrementalFlowCV2(*args, dtype=num.dtype, attention_impl=num.attention, run=run)
         from cosyjax.flow.cv3.incremental import IncrementalFlowCV3
 
         return IncrementalFlowCV3(*args, dtype=num.dtype, attention_impl=num.attention, run=run)

@@ -1,9 +1,10 @@
 """Device calls of the streaming stages that concurrent streams run together.
 
-A streaming stage (`cosyjax.flow.cv3.incremental.IncrementalFlowCV3`'s chunk, the CV3 vocoder's two
-window programs) describes each device call as a `StageCall`: the single-request jitted function, the
-arguments every request shares (parameters), the per-request arrays and the static keywords. A stage
-hands its calls to a *runner*: `run_alone` (the default) calls the function as is.
+A streaming stage (`cosyjax.flow.cv3.incremental.IncrementalFlowCV3`'s chunks and its final full-attention
+pass, the CV3 vocoder's two window programs) describes each device call as a `StageCall`: the
+single-request jitted function, the arguments every request shares (parameters), the per-request arrays
+and the static keywords. A stage hands its calls to a *runner*: `run_alone` (the default) calls the
+function as is.
 
 `StageGang` is the runner of streams that advance in threads (the server's scheduler runs one thread
 per stream and round). A call blocks until every member thread is blocked in a call or has finished
@@ -79,7 +80,8 @@ class StageGang:
     """Runs the stage calls of concurrently stepping streams together (see the module docstring).
 
     Threads that make stage calls enter with `with gang.member(): ...` (one stream's step; `enter(n)`
-    first when n threads start together); a call from a thread outside a member block runs alone at once. `groups` counts the group sizes run."""
+    first when n threads start together); a call from a thread outside a member block runs alone at once.
+    `groups` counts the group sizes run; `stage_groups` the same per stage function name."""
 
     def __init__(self, pad_to_bucket: bool = True):
         self.pad_to_bucket = pad_to_bucket
@@ -90,6 +92,7 @@ class StageGang:
         self._programs: dict = {}
         self._local = threading.local()
         self.groups: collections.Counter = collections.Counter()
+        self.stage_groups: collections.Counter = collections.Counter()  # (function name, group size)
 
     def enter(self, n: int = 1) -> None:
         """Count n members as running before their threads start (`member(entered=True)` in each), so
@@ -153,6 +156,7 @@ class StageGang:
                     for w in ws:
                         w.error = e
                 self.groups[len(ws)] += 1
+                self.stage_groups[(getattr(ws[0].call.fn, "__name__", repr(ws[0].call.fn)), len(ws))] += 1
         finally:
             with self._cv:
                 for w in batch:

@@ -184,3 +184,40 @@ def test_grow_cache_keeps_every_buffer_prefix(model):
     np.testing.assert_array_equal(gmid[..., :256, :, :], mid)
     np.testing.assert_array_equal(gu["down_resnet"][0], u["down_resnet"][0])
     assert jnp.asarray(gu["down_transformers"][1]).shape[-3] == 512
+
+
+@pytest.mark.slow
+def test_concurrent_streams_run_their_calls_batched(model):
+    """Two streams stepping together in a `StageGang`: every chunk's call (and the final full-attention
+    pass) runs as one vmapped group of 2, and each stream's mel equals its solo run."""
+    import threading
+
+    from cosyjax.stage_batch import StageGang
+
+    cfg, params = model
+    reqs = [_request(cfg, 14, 120, seed=s) for s in (21, 22)]
+    chunks = plan_schedule(120, 14)
+    solo = []
+    for req in reqs:
+        inc = IncrementalFlowCV2(params, cfg, *req[:3], max_tokens=MAX_TOKENS)
+        solo.append([_run(inc, req[3], c)[0] for c in chunks])
+    gang = StageGang()
+    incs = [IncrementalFlowCV2(params, cfg, *req[:3], max_tokens=MAX_TOKENS, run=gang) for req in reqs]
+    got = [[], []]
+    for c in chunks:
+        gang.enter(2)
+
+        def step(i, c=c):
+            with gang.member(entered=True):
+                got[i].append(_run(incs[i], reqs[i][3], c)[0])
+
+        threads = [threading.Thread(target=step, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+    assert gang.stage_groups == {("incremental_step", 2): len(chunks) - 1, ("flow_core", 2): 1}, gang.stage_groups
+    for i in range(2):
+        assert len(got[i]) == len(chunks)
+        for c, a, b in zip(chunks, got[i], solo[i]):
+            assert a.shape == b.shape and rel_l2(a, b) <= 1e-5, f"stream {i} chunk {c}: {rel_l2(a, b):.2e}"

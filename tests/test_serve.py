@@ -245,6 +245,9 @@ def test_batched_streams_equal_solo_streams(env):
     finally:
         sch.stop()
     assert max(gang.groups) >= 2, gang.groups  # calls did run together
+    # every CV3 stage batched: the chunks' flow, the final full-attention flow (equal lengths), the vocoder
+    batched = {name for (name, n) in gang.stage_groups if n >= 2}
+    assert {"incremental_chunk", "flow_core", "_wave_jit"} <= batched, gang.stage_groups
     for s in seeds:
         assert got[s][-1] == "done", got[s][-1]
         assert rel_l2(np.concatenate(got[s][:-1]), library(env, seed=s, stream=True)) <= 1e-4

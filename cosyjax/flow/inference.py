@@ -4,18 +4,22 @@
   CFM solve from mu [B, T, C], then the prompt frames are cut off -> the `flow_core` result dict.
 * `make_flow_inference(flow_core, doc)`: the host wrapper `flow_inference(params, cfg, token, ...)`
   = `pack_inputs` (validate + bucket) -> `flow_core` -> optional trim to max(mel_len) frames.
+* `final_pass`: the last chunk of a stream (upstream `streaming=False, finalize=True`) of one request,
+  the same `flow_core` call made as a `StageCall`, so that concurrent streams' last chunks can batch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from cosyjax.flow.cfm import solve_cfm
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, new_frames, pack_inputs
 from cosyjax.flow.masks import padding_mask
+from cosyjax.stage_batch import StageCall, run_alone
 
-__all__ = ["solve_and_strip_prompt", "make_flow_inference"]
+__all__ = ["solve_and_strip_prompt", "make_flow_inference", "final_pass"]
 
 
 def solve_and_strip_prompt(estimator_fn, mu, spks, cond, noise, n_frames, prompt_frames, *, n_mels: int,
@@ -59,3 +63,22 @@ def make_flow_inference(flow_core, doc: str):
     flow_inference.__doc__ = doc
     flow_inference.__module__ = getattr(flow_core, "__module__", __name__)
     return flow_inference
+
+
+def final_pass(flow_core, params, cfg, tokens, prompt_token, prompt_feat, embedding, *, n_timesteps: int,
+               dtype: str, attention_impl: str, buckets: Sequence[int] = DEFAULT_BUCKETS,
+               run: Callable = run_alone) -> np.ndarray:
+    """One request's full-attention final pass -> mel [1, frames, 80] numpy (prompt frames removed).
+
+    tokens [N], prompt_token [P] int; prompt_feat [2P, 80]; embedding [192]. Equals `flow_inference(...,
+    streaming=False, finalize=True)` (the same jitted call, bit for bit, when `run` runs it alone)."""
+    r = cfg.token_mel_ratio
+    P = int(prompt_token.shape[0])
+    packed = pack_inputs(cfg, tokens[None], np.array([tokens.shape[0]]), prompt_token[None], np.array([P]),
+                         prompt_feat[None], np.array([r * P]), embedding[None], finalize=True, buckets=buckets)
+    out = run(StageCall(
+        flow_core, (params,),
+        tuple(packed[k] for k in ("tokens", "n_tokens", "n_prompt", "lookahead", "cond", "embedding", "noise")),
+        static=(("attention_impl", attention_impl), ("cfg", cfg), ("dtype", str(jnp.dtype(dtype))),
+                ("n_timesteps", int(n_timesteps)), ("streaming", False))))
+    return np.asarray(out["mel"])[:, :new_frames(packed, r)]

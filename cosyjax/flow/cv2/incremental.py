@@ -21,7 +21,7 @@ or before the encoded end E (every mask's block edge is on that grid). Frames of
 recomputed by the next call (their K/V and conv contexts are overwritten); the scheduler's chunks
 always end on the grid, so then nothing is recomputed. The final chunk (`finalize=True`,
 `streaming=False`: full attention over everything) cannot reuse any of this and is a full recompute
-with `flow_inference`, exactly as upstream.
+with `cosyjax.flow.inference.final_pass` (`flow_inference`'s own core call), exactly as upstream.
 
 Bit-exact with the recompute path, for the reasons `cosyjax.flow.cv3.incremental` gives; here the
 Conformer's relative-position term is also computed per attention tile (`cosyjax.nn.attention.RelPos`).
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +47,11 @@ from cosyjax.errors import CosyJaxError
 from cosyjax.flow.cfm import euler_schedule
 from cosyjax.flow.cv2.config import FlowCV2Config
 from cosyjax.flow.cv2.encoder import EncoderWindow
-from cosyjax.flow.cv2.model import FlowCV2, flow_inference
+from cosyjax.flow.cv2.model import FlowCV2, flow_core
 from cosyjax.flow.cv2.unet import UNetWindow
+from cosyjax.flow.inference import final_pass
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, bucket_for, seed0_noise_np
+from cosyjax.stage_batch import StageCall, run_alone
 
 __all__ = ["IncrementalFlowError", "IncrementalFlowCV2", "commit_grid", "capacity_bucket", "new_token_bucket",
            "init_cache", "incremental_step"]
@@ -196,8 +198,9 @@ class IncrementalFlowCV2:
     """
 
     def __init__(self, params, cfg: FlowCV2Config, prompt_token, prompt_feat, embedding, *, dtype="float32",
-                 attention_impl="auto", n_timesteps=10, max_tokens=None):
+                 attention_impl="auto", n_timesteps=10, max_tokens=None, run: Callable = run_alone):
         self.params, self.cfg = params, cfg
+        self.run = run  # runs each device call's `StageCall` (`cosyjax.stage_batch`: alone, or with other streams)
         self.dtype, self.attention_impl, self.n_timesteps = str(jnp.dtype(dtype)), attention_impl, int(n_timesteps)
         self.grid = commit_grid(cfg)
         pt = np.asarray(prompt_token)
@@ -297,10 +300,13 @@ class IncrementalFlowCV2:
         window[0, :len(piece)] = piece
         new_commit = (end // self.grid) * self.grid
         i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-        mel, self.state = incremental_step(
-            self.params, self.state, jnp.asarray(window), i32(len(piece)), i32(lead), i32(C), i32(end),
-            i32(new_commit - C), self.spks, self.noise, self.cond, cfg=self.cfg, n_timesteps=self.n_timesteps,
-            dtype=self.dtype, attention_impl=self.attention_impl)
+        state, self.state = self.state, None  # donated to the call
+        mel, self.state = self.run(StageCall(
+            incremental_step, (self.params,),
+            (state, window, i32(len(piece)), i32(lead), i32(C), i32(end), i32(new_commit - C), self.spks,
+             self.noise, self.cond),
+            static=(("attention_impl", self.attention_impl), ("cfg", self.cfg), ("dtype", self.dtype),
+                    ("n_timesteps", self.n_timesteps)), donate=(0,)))
         first = r * (P + int(token_offset)) - r * C
         out = np.asarray(mel)[:, first:r * (end - C)]
         self.committed = new_commit
@@ -317,10 +323,9 @@ class IncrementalFlowCV2:
                                        f"{n_tokens}, offset {token_offset}")
         tokens = self._check_call(tokens, token_offset, n_tokens)
         r, P = self.cfg.token_mel_ratio, self.P
-        mel, _ = flow_inference(self.params, self.cfg, tokens[None], np.array([n_tokens]), self.prompt_token[None],
-                                np.array([P]), self.prompt_feat[None], np.array([r * P]), self.embedding[None],
-                                streaming=False, finalize=True, n_timesteps=self.n_timesteps, dtype=self.dtype,
-                                attention_impl=self.attention_impl)
+        mel = final_pass(flow_core, self.params, self.cfg, tokens, self.prompt_token, self.prompt_feat,
+                         self.embedding, n_timesteps=self.n_timesteps, dtype=self.dtype,
+                         attention_impl=self.attention_impl, run=self.run)
         self.done = True
         self.state = self.noise = self.cond = None
-        return np.asarray(mel)[:, r * int(token_offset):], r * bucket_for(P + n_tokens, DEFAULT_BUCKETS)
+        return mel[:, r * int(token_offset):], r * bucket_for(P + n_tokens, DEFAULT_BUCKETS)

@@ -19,8 +19,10 @@ Bit-exact: every chunk's mel equals the recompute path's (`incremental=False`) b
 rounding (`tests/test_stream_incremental.py`, 30 s and 60 s). The two compute the same frames among
 different numbers of rows and keys, so everything shape-dependent is made shape-independent: streaming
 attention runs in fixed-shape tiles on the absolute chunk grid (`cosyjax.nn.attention`, the CV2
-position term per tile too) and the norms reduce with `cosyjax.nn.layers.feature_mean`; the dense layers
-and convolutions are row-stable as XLA's CPU emits them (checked by the same test).
+position term per tile too), the norms reduce with `cosyjax.nn.layers.feature_mean`, and the streaming
+convolutions (pre-lookahead, DiT conv-pos, CV2 encoder / U-Net) are `cosyjax.nn.layers.RowStableConv`:
+XLA's CPU convolution changes its bits with the length on some CPUs (an AMD EPYC here), its plain dots
+do not. The dense layers are row-stable as XLA's CPU emits them (checked by the same test).
 
 Device state (`state` dict, donated to each call): `k`, `v` [n_steps, depth, 2, S, inner] (dtype =
 matmul dtype), `conv_in`, `conv_mid` [n_steps, 2, K-1, dim] float32. S (cache capacity, frames) and F
@@ -39,7 +41,8 @@ from cosyjax.errors import CosyJaxError
 from cosyjax.flow.cfm import euler_schedule
 from cosyjax.flow.cv3.config import FlowCV3Config
 from cosyjax.flow.cv3.dit import DiTCache
-from cosyjax.flow.cv3.model import FlowCV3, flow_inference
+from cosyjax.flow.cv3.model import FlowCV3, flow_core
+from cosyjax.flow.inference import final_pass
 from cosyjax.flow.inputs import DEFAULT_BUCKETS, bucket_for, seed0_noise_np
 from cosyjax.nn.attention import KEY_BLOCKS_PER_TILE
 from cosyjax.stage_batch import StageCall, run_alone
@@ -279,10 +282,8 @@ class IncrementalFlowCV3:
         token_offset, n_tokens = int(token_offset), int(n_tokens)
         tokens = self._check_call(tokens, token_offset, n_tokens)
         P = self.prompt_token.shape[0]
-        mel, _ = flow_inference(
-            self.params, c, tokens[None], np.array([n_tokens]), self.prompt_token[None], np.array([P]),
-            self.prompt_feat[None], np.array([r * P]), self.embedding[None], streaming=False, finalize=True,
-            n_timesteps=self.n_timesteps, dtype=self.dtype, attention_impl=self.attention_impl,
-            buckets=self.token_buckets)
+        mel = final_pass(flow_core, self.params, c, tokens, self.prompt_token, self.prompt_feat, self.embedding,
+                         n_timesteps=self.n_timesteps, dtype=self.dtype, attention_impl=self.attention_impl,
+                         buckets=self.token_buckets, run=self.run)
         self.finished, self.state = True, None
-        return np.asarray(mel)[:, r * token_offset:], r * bucket_for(P + n_tokens, self.token_buckets)
+        return mel[:, r * token_offset:], r * bucket_for(P + n_tokens, self.token_buckets)
