@@ -21,6 +21,9 @@ from cosyjax.stage_batch import StageCall, run_alone
 
 __all__ = ["solve_and_strip_prompt", "make_flow_inference", "final_pass"]
 
+# `pack_inputs` keys in the order of `flow_core`'s positional inputs after params (both versions)
+CORE_INPUTS = ("tokens", "n_tokens", "n_prompt", "lookahead", "cond", "embedding", "noise")
+
 
 def solve_and_strip_prompt(estimator_fn, mu, spks, cond, noise, n_frames, prompt_frames, *, n_mels: int,
                            n_timesteps: int, cfg_rate: float, t_scheduler: str, return_trajectory: bool) -> dict:
@@ -52,8 +55,7 @@ def make_flow_inference(flow_core, doc: str):
                        trim: bool = True):
         packed = pack_inputs(cfg, token, token_len, prompt_token, prompt_token_len, prompt_feat, prompt_feat_len,
                              embedding, finalize=finalize, noise=noise, buckets=buckets)
-        out = flow_core(params, packed["tokens"], packed["n_tokens"], packed["n_prompt"], packed["lookahead"],
-                        packed["cond"], packed["embedding"], packed["noise"], cfg=cfg, streaming=bool(streaming),
+        out = flow_core(params, *(packed[k] for k in CORE_INPUTS), cfg=cfg, streaming=bool(streaming),
                         n_timesteps=int(n_timesteps), dtype=str(jnp.dtype(dtype)), attention_impl=attention_impl)
         mel, mel_len = out["mel"], out["mel_len"]
         if trim:
@@ -78,7 +80,7 @@ def final_pass(flow_core, params, cfg, tokens, prompt_token, prompt_feat, embedd
                          prompt_feat[None], np.array([r * P]), embedding[None], finalize=True, buckets=buckets)
     out = run(StageCall(
         flow_core, (params,),
-        tuple(packed[k] for k in ("tokens", "n_tokens", "n_prompt", "lookahead", "cond", "embedding", "noise")),
+        tuple(packed[k] for k in CORE_INPUTS),
         static=(("attention_impl", attention_impl), ("cfg", cfg), ("dtype", str(jnp.dtype(dtype))),
                 ("n_timesteps", int(n_timesteps)), ("streaming", False))))
     return np.asarray(out["mel"])[:, :new_frames(packed, r)]

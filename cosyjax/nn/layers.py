@@ -10,7 +10,7 @@
 * `causal_pad(x, k, dilation)`: left zero padding of (k-1)*dilation frames along time ([B, T, C]).
 * `RowStableConv`: a VALID (grouped) 1-D convolution with `nn.Conv`'s parameters whose output frames'
   bits do not depend on the sequence length (im2col + one plain dot per group), for the paths that
-  exact incremental streaming compares (`cosyjax.flow.cv3.dit`, streaming).
+  exact incremental streaming compares (pre-lookahead, CV3 DiT conv-pos when streaming, CV2 encoder / U-Net).
 * `Linear`, `Embedding`, `RMSNorm`: the Qwen2 backbone's layers (explicit compute / output dtypes; RMSNorm
   statistics in float32); the flows use flax `nn.Dense` / `nn.Embed` with an explicit `dtype`.
 """
