@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Optional
 
 import numpy as np
@@ -180,18 +181,33 @@ def build_demo_model_dir(version: str = "cosyvoice3", out_dir: Optional[str] = N
         return out_dir
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.isfile(marker):
         raise FileExistsError(f"{out_dir} exists and is not a cosyjax demo folder")
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(src):
-        s, d = os.path.join(src, name), os.path.join(out_dir, name)
-        if os.path.isdir(s):
-            shutil.copytree(s, d, dirs_exist_ok=True)
-        else:
-            shutil.copy2(s, d)
-    from cosyjax.config import QwenConfig
+    # built in a scratch folder beside it and renamed into place: another process (a second test worker,
+    # a second server) never sees a half-written folder, and when two build at once the first rename wins
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder it becomes is an ordinary one
+    try:
+        for name in os.listdir(src):
+            s, d = os.path.join(src, name), os.path.join(tmp, name)
+            if os.path.isdir(s):
+                shutil.copytree(s, d)
+            else:
+                shutil.copy2(s, d)
+        from cosyjax.config import QwenConfig
 
-    qwen = QwenConfig.from_json(os.path.join(out_dir, "CosyVoice-BlankEN", "config.json"))
-    write_demo_tokenizer(os.path.join(out_dir, "CosyVoice-BlankEN"), version, qwen.vocab_size)
-    _write_demo_prompt(out_dir, version, source_root)
-    with open(marker, "w") as f:
-        f.write(version + "\n")
+        qwen = QwenConfig.from_json(os.path.join(tmp, "CosyVoice-BlankEN", "config.json"))
+        write_demo_tokenizer(os.path.join(tmp, "CosyVoice-BlankEN"), version, qwen.vocab_size)
+        _write_demo_prompt(tmp, version, source_root)
+        with open(os.path.join(tmp, _MARKER), "w") as f:
+            f.write(version + "\n")
+        if overwrite and os.path.isfile(marker):
+            shutil.rmtree(out_dir)
+        try:
+            os.rename(tmp, out_dir)  # onto a missing or empty folder
+        except OSError:
+            if not os.path.isfile(marker):  # not another builder's finished folder
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
