@@ -146,6 +146,7 @@ def spawn_server(args):
            "--voices-dir", os.path.join(args.workdir, "voices")]
     cmd += ["--warmup"] if not args.no_warmup else []
     cmd += ["--stream-slots", str(args.stream_slots), "--stream-batching", args.stream_batching]
+    cmd += ["--malloc-trim-s", str(args.malloc_trim_s)]
     log = open(os.path.join(args.workdir, "server.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--stream-slots", type=int, default=8)
     p.add_argument("--stream-batching", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--malloc-trim-s", type=float, default=10.0, help="spawned server's --malloc-trim-s (0: never)")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--startup-timeout", type=float, default=1500.0)

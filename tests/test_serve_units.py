@@ -259,3 +259,25 @@ def test_a_stream_arriving_mid_round_waits_for_the_next_round():
         assert events[1] == ["chunk", "chunk", "done"] and events[2] == ["chunk", "chunk", "done"]
     finally:
         s.stop()
+
+
+def test_malloc_trimmer_runs_on_its_interval_and_stops():
+    from cosyjax.serve.memory import MallocTrimmer, glibc_malloc_trim
+
+    calls = []
+    tr = MallocTrimmer(0.05, trim=lambda: calls.append(time.monotonic()) or 1).start()
+    time.sleep(0.4)
+    tr.stop()
+    n = len(calls)
+    assert 3 <= n <= 9 and tr.calls == n, n  # ~8 in 0.4 s; a loaded CPU may delay some
+    time.sleep(0.15)
+    assert len(calls) == n  # stopped
+    off = MallocTrimmer(0.0, trim=lambda: calls.append(0) or 1).start()  # 0: never
+    time.sleep(0.1)
+    off.stop()
+    assert len(calls) == n
+    with pytest.raises(ValueError, match="interval"):
+        MallocTrimmer(-1.0)
+    trim = glibc_malloc_trim()
+    if trim is not None:  # glibc (Linux): the real call answers 0 or 1
+        assert trim() in (0, 1)

@@ -39,6 +39,7 @@ from cosyjax.serve.audio import (MEDIA_TYPES, decode_upload, encodable_formats, 
                                  wav_stream_header)
 from cosyjax.serve.batcher import BatchConfig, Scheduler
 from cosyjax.serve.errors import ServeError
+from cosyjax.serve.memory import MallocTrimmer
 from cosyjax.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from cosyjax.serve.speech_request import Limits, SpeechRequest, parse_speech_request
 from cosyjax.serve.voices import Voice, VoiceStore, check_voice_name, load_prompt_file
@@ -68,6 +69,7 @@ class ServeConfig:
     stream_slots: int = 8                     # LLM slots shared by concurrent streams (0: each stream alone)
     stream_capacity: int = 1024               # KV entries per slot (prompt + generated tokens)
     batch_streams: Optional[bool] = None      # streams' flow/vocoder calls batched (StageGang); None: off on CPU
+    malloc_trim_s: float = 10.0               # give freed heap back to the OS this often (glibc; 0: never)
 
 
 def _has_eop(text: str) -> bool:
@@ -241,9 +243,11 @@ def create_app(tts, config: ServeConfig = ServeConfig()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app):
         svc.scheduler.start()
+        trimmer = MallocTrimmer(config.malloc_trim_s).start()
         try:
             yield
         finally:
+            trimmer.stop()
             svc.scheduler.stop()
 
     app = FastAPI(title="cosyjax speech", lifespan=lifespan)

@@ -43,6 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--stream-capacity", type=int, default=1024, help="KV entries per stream slot")
     s.add_argument("--stream-batching", default="auto", choices=("auto", "on", "off"),
                    help="run concurrent streams' flow/vocoder calls as one batched call (auto: on unless on CPU)")
+    s.add_argument("--malloc-trim-s", type=float, default=10.0,
+                   help="return freed heap memory to the OS every this many seconds (glibc malloc_trim; 0: never)")
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     s.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "pallas"))
     s.add_argument("--sampling", default="ras", choices=("ras", "greedy"))
@@ -90,6 +92,8 @@ def config_from_args(args, model_dir: str):
     if os.path.isfile(demo) and "demo" not in {n for n, _ in voices}:
         voices.append(("demo", demo))
     name = args.model_name or os.path.basename(os.path.normpath(model_dir))
+    if args.malloc_trim_s < 0:
+        raise ServeCLIError(f"--malloc-trim-s must be >= 0, got {args.malloc_trim_s}")
     if args.max_batch < 1:
         raise ServeCLIError(f"--max-batch must be >= 1, got {args.max_batch}")
     return ServeConfig(model_name=name, voices_dir=args.voices_dir or os.path.join(cache_root(), "voices", name),
@@ -97,7 +101,8 @@ def config_from_args(args, model_dir: str):
                        batch_window_ms=args.batch_window_ms, max_input_chars=args.max_input_chars,
                        max_upload_bytes=int(args.max_upload_mb * 2 ** 20), text_frontend=not args.no_text_frontend,
                        stream_slots=args.stream_slots, stream_capacity=args.stream_capacity,
-                       batch_streams={"auto": None, "on": True, "off": False}[args.stream_batching])
+                       batch_streams={"auto": None, "on": True, "off": False}[args.stream_batching],
+                       malloc_trim_s=args.malloc_trim_s)
 
 
 def load_tts(model_dir: str, args):
