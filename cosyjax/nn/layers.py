@@ -10,7 +10,8 @@
 * `causal_pad(x, k, dilation)`: left zero padding of (k-1)*dilation frames along time ([B, T, C]).
 * `RowStableConv`: a VALID (grouped) 1-D convolution with `nn.Conv`'s parameters whose output frames'
   bits do not depend on the sequence length (im2col + one plain dot per group), for the paths that
-  exact incremental streaming compares (pre-lookahead, CV3 DiT conv-pos when streaming, CV2 encoder / U-Net).
+  exact incremental streaming compares (pre-lookahead, CV2 encoder upsample; CV3 DiT conv-pos and CV2 U-Net when
+  streaming, through `valid_conv`, which is XLA's convolution elsewhere).
 * `Linear`, `Embedding`, `RMSNorm`: the Qwen2 backbone's layers (explicit compute / output dtypes; RMSNorm
   statistics in float32); the flows use flax `nn.Dense` / `nn.Embed` with an explicit `dtype`.
 """
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["feature_mean", "layer_norm", "LayerNorm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad", "RowStableConv",
+__all__ = ["feature_mean", "layer_norm", "LayerNorm", "LayerNormF32", "mish", "sinusoidal_embedding", "length_mask", "causal_pad", "RowStableConv", "valid_conv",
            "Linear", "Embedding", "RMSNorm"]
 
 
@@ -186,3 +187,14 @@ class RMSNorm(nn.Module):
         var = jnp.mean(xf * xf, axis=-1, keepdims=True)
         y = (xf * jax.lax.rsqrt(var + jnp.float32(self.eps))).astype(x.dtype)
         return scale.astype(x.dtype) * y
+
+
+def valid_conv(features: int, kernel_size: int, groups: int = 1, dtype=jnp.float32, *, row_stable: bool,
+               name: str) -> nn.Module:
+    """The VALID 1-D convolution x [B, L, C] -> [B, L - k + 1, features] (one parameter layout): the
+    row-stable form where exact incremental streaming compares frames computed among different numbers of
+    frames (streaming chunks), XLA's convolution elsewhere (non-streaming passes: faster, and nearer
+    upstream's non-streaming parity rows)."""
+    if row_stable:
+        return RowStableConv(features, kernel_size, groups, dtype, name=name)
+    return nn.Conv(features, (kernel_size,), padding="VALID", feature_group_count=groups, dtype=dtype, name=name)

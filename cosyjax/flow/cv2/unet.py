@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from cosyjax.flow.cv2.config import UNetConfig
 from cosyjax.flow.masks import attention_mask
 from cosyjax.nn.attention import AttnSpec, attention
-from cosyjax.nn.layers import LayerNormF32, RowStableConv, causal_pad, mish, sinusoidal_embedding
+from cosyjax.nn.layers import LayerNormF32, causal_pad, mish, sinusoidal_embedding, valid_conv
 
 __all__ = ["sinusoidal_time_embedding", "mish", "CausalBlock1D", "CausalResnetBlock1D", "BasicTransformerBlock",
            "MidBlock", "CausalConditionalDecoder", "UNetWindow"]
@@ -39,7 +39,7 @@ sinusoidal_time_embedding = sinusoidal_embedding  # Matcha `SinusoidalPosEmb` (3
 _layer_norm = LayerNormF32
 
 
-def _causal_conv(x, features: int, k: int, dtype, name: str, left=None, commit=None):
+def _causal_conv(x, features: int, k: int, dtype, name: str, left=None, commit=None, *, row_stable: bool = True):
     """Left-pad k-1 zeros, Conv1d(k): x [B, T, C] -> [B, T, features].
 
     Incremental: `left` [B, k-1, C] (the k-1 input frames before x) replaces the zeros; returns
@@ -52,7 +52,7 @@ def _causal_conv(x, features: int, k: int, dtype, name: str, left=None, commit=N
             raise ValueError(f"causal conv {name}: left context must be {(x.shape[0], k - 1, x.shape[2])}, "
                              f"got {left.shape}")
         xp = jnp.concatenate([left.astype(x.dtype), x], axis=1)
-    out = RowStableConv(features, k, dtype=dtype, name=name)(xp)
+    out = valid_conv(features, k, dtype=dtype, row_stable=row_stable, name=name)(xp)
     if left is None:
         return out
     return out, jax.lax.dynamic_slice_in_dim(xp, commit, k - 1, axis=1).astype(left.dtype)
@@ -74,10 +74,11 @@ class CausalBlock1D(nn.Module):
     dim_out: int
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    row_stable: bool = True  # streaming chunks (see `valid_conv`)
 
     @nn.compact
     def __call__(self, x, m, cache=None, commit=None):
-        h = _causal_conv(x * m, self.dim_out, 3, self.dtype, "conv", cache, commit)
+        h = _causal_conv(x * m, self.dim_out, 3, self.dtype, "conv", cache, commit, row_stable=self.row_stable)
         h, new_cache = (h, None) if cache is None else h
         h = _layer_norm(self.eps, "norm")(h)
         h = (mish(h) * m).astype(self.dtype)
@@ -92,17 +93,18 @@ class CausalResnetBlock1D(nn.Module):
     dim_out: int
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    row_stable: bool = True  # streaming chunks (see `valid_conv`)
 
     @nn.compact
     def __call__(self, x, m, temb, cache=None, commit=None):
         cached = cache is not None
         ctx1, ctx2 = ((cache[0], commit), (cache[1], commit)) if cached else ((), ())
-        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block1")(x, m, *ctx1)
+        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, self.row_stable, name="block1")(x, m, *ctx1)
         h, c1 = h if cached else (h, None)
         h = h + nn.Dense(self.dim_out, dtype=self.dtype, name="mlp")(mish(temb))[:, None, :]
-        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, name="block2")(h, m, *ctx2)
+        h = CausalBlock1D(self.dim_out, self.eps, self.dtype, self.row_stable, name="block2")(h, m, *ctx2)
         h, c2 = h if cached else (h, None)
-        h = h + RowStableConv(self.dim_out, 1, dtype=self.dtype, name="res_conv")(x * m)
+        h = h + valid_conv(self.dim_out, 1, dtype=self.dtype, row_stable=self.row_stable, name="res_conv")(x * m)
         return (h, (c1, c2)) if cached else h
 
 
@@ -163,11 +165,12 @@ class MidBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
     chunk_size: int = 0
+    row_stable: bool = True  # streaming chunks (see `valid_conv`)
 
     @nn.compact
     def __call__(self, h, ctx, cache=None):
         c = self.cfg
-        resnet = CausalResnetBlock1D(c.channels[0], c.ln_eps, self.dtype, name="resnet")
+        resnet = CausalResnetBlock1D(c.channels[0], c.ln_eps, self.dtype, self.row_stable, name="resnet")
         stack = _transformer_stack(c, self.dtype, self.attention_impl, "transformers", cache is not None,
                                    self.chunk_size)
         if cache is None:
@@ -223,6 +226,7 @@ class CausalConditionalDecoder(nn.Module):
         # Streaming: the chunk rule and key lengths go to `attention` as such (its tiled path gives the same
         # bits with or without a cache and skips keys past the valid prefix); `mask` is a length mask.
         chunk = c.static_chunk_size if (streaming or cached) else 0
+        rs = streaming or cached  # row-stable convolutions where incremental chunks must equal recomputed ones
         if cached:
             commit = window.commit
             attn_ctx = AttnSpec(None, jnp.broadcast_to(window.n_keys, (B,)), window.offset)
@@ -250,29 +254,29 @@ class CausalConditionalDecoder(nn.Module):
                 new[name] = kv
             return h
 
-        h = keep("down_resnet", CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="down_resnet")(
+        h = keep("down_resnet", CausalResnetBlock1D(C, c.ln_eps, self.dtype, rs, name="down_resnet")(
             h, m, temb, *conv_args("down_resnet")))
         h = stack("down_transformers", h)
         skip = h
-        h = keep("down_conv", _causal_conv(h * m, C, 3, self.dtype, "down_conv", *conv_args("down_conv")))
+        h = keep("down_conv", _causal_conv(h * m, C, 3, self.dtype, "down_conv", *conv_args("down_conv"), row_stable=rs))
 
         if c.num_mid_blocks:
             mids = nn.scan(MidBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                            in_axes=(nn.broadcast, 0) if cached else nn.broadcast, length=c.num_mid_blocks)
-            mids = mids(c, self.dtype, self.attention_impl, chunk, name="mid_blocks")
+            mids = mids(c, self.dtype, self.attention_impl, chunk, rs, name="mid_blocks")
             if cached:
                 h = keep("mid_blocks", mids(h, (m, temb, attn_ctx, commit), cache["mid_blocks"]))
             else:
                 h, _ = mids(h, (m, temb, attn_ctx))
 
         h = jnp.concatenate([h, skip], axis=-1)
-        h = keep("up_resnet", CausalResnetBlock1D(C, c.ln_eps, self.dtype, name="up_resnet")(
+        h = keep("up_resnet", CausalResnetBlock1D(C, c.ln_eps, self.dtype, rs, name="up_resnet")(
             h, m, temb, *conv_args("up_resnet")))
         h = stack("up_transformers", h)
-        h = keep("up_conv", _causal_conv(h * m, C, 3, self.dtype, "up_conv", *conv_args("up_conv")))
+        h = keep("up_conv", _causal_conv(h * m, C, 3, self.dtype, "up_conv", *conv_args("up_conv"), row_stable=rs))
 
-        h = keep("final_block", CausalBlock1D(C, c.ln_eps, self.dtype, name="final_block")(
+        h = keep("final_block", CausalBlock1D(C, c.ln_eps, self.dtype, rs, name="final_block")(
             h, m, *conv_args("final_block")))
-        out = RowStableConv(c.out_channels, 1, dtype=jnp.float32, name="final_proj")(h * m)
+        out = valid_conv(c.out_channels, 1, dtype=jnp.float32, row_stable=rs, name="final_proj")(h * m)
         out = out * mask[..., None].astype(out.dtype)
         return (out, new) if cached else out

@@ -20,7 +20,7 @@ rounding (`tests/test_stream_incremental.py`, 30 s and 60 s). The two compute th
 different numbers of rows and keys, so everything shape-dependent is made shape-independent: streaming
 attention runs in fixed-shape tiles on the absolute chunk grid (`cosyjax.nn.attention`, the CV2
 position term per tile too), the norms reduce with `cosyjax.nn.layers.feature_mean`, and the streaming
-convolutions (pre-lookahead, DiT conv-pos, CV2 encoder / U-Net) are `cosyjax.nn.layers.RowStableConv`:
+convolutions (pre-lookahead, DiT conv-pos, CV2 encoder / U-Net on streaming chunks) are `cosyjax.nn.layers.RowStableConv`:
 XLA's CPU convolution changes its bits with the length on some CPUs (an AMD EPYC here), its plain dots
 do not. The dense layers are row-stable as XLA's CPU emits them (checked by the same test).
 
