@@ -43,7 +43,7 @@ from cosyjax.flow.inputs import FlowInputError
 from cosyjax.flow.masks import attention_mask, fix_empty_rows
 from cosyjax.nn.attention import AttnSpec, KVCache, attention
 from cosyjax.nn.layers import layer_norm as _layer_norm
-from cosyjax.nn.layers import RowStableConv, mish, sinusoidal_embedding
+from cosyjax.nn.layers import mish, sinusoidal_embedding, valid_conv
 
 __all__ = ["DiT", "DiTBlock", "DiTCache", "DiTCacheUpdate", "rope_inv_freq", "rope_tables",
            "apply_rope_interleaved", "timestep_sinusoid",
@@ -190,11 +190,8 @@ class DiT(nn.Module):
                 p = jnp.concatenate([left.astype(p.dtype), p], axis=1)
                 # the last k-1 inputs up to the last valid frame: the next call's left context
                 new_contexts.append(jax.lax.dynamic_slice_in_dim(p, cache.n_valid, k - 1, axis=1))
-            if streaming:  # chunks that exact incremental streaming compares: length-independent bits
-                p = RowStableConv(c.dim, k, c.conv_pos_groups, self.dtype, name=name)(p)
-            else:
-                p = nn.Conv(c.dim, (k,), padding="VALID", feature_group_count=c.conv_pos_groups,
-                            dtype=self.dtype, name=name)(p)
+            # chunks that exact incremental streaming compares: length-independent bits
+            p = valid_conv(c.dim, k, c.conv_pos_groups, self.dtype, row_stable=streaming, name=name)(p)
             p = mish(p.astype(jnp.float32))
         h = e + p
 
