@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
-import time
 from typing import Callable, Optional
 
 __all__ = ["MallocTrimmer", "glibc_malloc_trim"]
@@ -62,7 +61,5 @@ class MallocTrimmer:
             self.calls += 1
 
     def _loop(self) -> None:
-        next_t = time.monotonic() + self.interval_s
-        while not self._stop.wait(max(0.0, next_t - time.monotonic())):
+        while not self._stop.wait(self.interval_s):
             self.trim_now()
-            next_t = time.monotonic() + self.interval_s

@@ -225,8 +225,8 @@ class CausalConditionalDecoder(nn.Module):
         new = {}
         # Streaming: the chunk rule and key lengths go to `attention` as such (its tiled path gives the same
         # bits with or without a cache and skips keys past the valid prefix); `mask` is a length mask.
-        chunk = c.static_chunk_size if (streaming or cached) else 0
         rs = streaming or cached  # row-stable convolutions where incremental chunks must equal recomputed ones
+        chunk = c.static_chunk_size if rs else 0
         if cached:
             commit = window.commit
             attn_ctx = AttnSpec(None, jnp.broadcast_to(window.n_keys, (B,)), window.offset)
@@ -258,7 +258,8 @@ class CausalConditionalDecoder(nn.Module):
             h, m, temb, *conv_args("down_resnet")))
         h = stack("down_transformers", h)
         skip = h
-        h = keep("down_conv", _causal_conv(h * m, C, 3, self.dtype, "down_conv", *conv_args("down_conv"), row_stable=rs))
+        h = keep("down_conv", _causal_conv(h * m, C, 3, self.dtype, "down_conv", *conv_args("down_conv"),
+                                        row_stable=rs))
 
         if c.num_mid_blocks:
             mids = nn.scan(MidBlock, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -273,7 +274,8 @@ class CausalConditionalDecoder(nn.Module):
         h = keep("up_resnet", CausalResnetBlock1D(C, c.ln_eps, self.dtype, rs, name="up_resnet")(
             h, m, temb, *conv_args("up_resnet")))
         h = stack("up_transformers", h)
-        h = keep("up_conv", _causal_conv(h * m, C, 3, self.dtype, "up_conv", *conv_args("up_conv"), row_stable=rs))
+        h = keep("up_conv", _causal_conv(h * m, C, 3, self.dtype, "up_conv", *conv_args("up_conv"),
+                                        row_stable=rs))
 
         h = keep("final_block", CausalBlock1D(C, c.ln_eps, self.dtype, rs, name="final_block")(
             h, m, *conv_args("final_block")))
