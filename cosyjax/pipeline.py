@@ -32,7 +32,7 @@ from cosyjax.stage_batch import run_alone
 from cosyjax.streaming import MAX_SILENT_RUN, StreamConfig
 
 __all__ = ["PipelineConfig", "StaticShapes", "Engine", "make_mesh", "prepare_inputs", "prepare_params",
-           "synthesize", "synthesize_rows", "PipelineInputError"]
+           "speech_token_rows", "speech_tokens", "synthesize", "synthesize_rows", "PipelineInputError"]
 
 
 class PipelineInputError(CosyJaxError):
@@ -103,7 +103,7 @@ class StaticShapes:
     max_new: int  # LLM output slots, or the given-token width
     capacity: int  # LLM KV-cache slots (0 without the LLM)
     flow_tokens: int  # flow bucket: prompt + new tokens
-    mel_frames: int  # vocoder frames (>= flow frames; larger when a row's speed < 1)
+    mel_frames: int  # vocoder frames: a bucket >= the longest row's new frames (more when a row's speed < 1)
 
 
 def prepare_params(params: dict, config: PipelineConfig) -> dict:
@@ -171,6 +171,7 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence, *, speed=1.0,
         inputs["given_tokens"] = _pad_rows(given, width, np.int32)
         inputs["given_len"] = np.array([len(g) for g in given], np.int32)
         n_new, capacity, source = width, 0, "given"
+        gen_len = np.array([len(g) for g in given], np.int64)
     else:
         p = prepare(config.llm, _pad_rows([m.text for m in mis], max(len(m.text) for m in mis), np.int32),
                     np.array([len(m.text) for m in mis]),
@@ -183,15 +184,18 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence, *, speed=1.0,
         inputs.update(llm_ids=p.ids, llm_kind=p.kind, llm_start=p.start, llm_min_len=p.min_len,
                       llm_max_len=p.max_len)
         n_new, capacity, source = p.max_new, p.capacity, "llm"
+        gen_len = np.full((B,), n_new, np.int64)
     P = np.array([m.prompt_len for m in mis], np.int32)
-    N = bucket_for(int((P + n_new).max()))
+    # the flow bucket holds every row's prompt + new tokens; the vocoder only the new frames (the flow's
+    # output has the prompt removed), so neither computes padding a longer row of the batch does not need
+    N = bucket_for(int((P + gen_len).max()))
     T = N * r
     ftok = np.zeros((B, N), np.int32)
     cond = np.zeros((B, T, 80), np.float32)
     for b, m in enumerate(mis):
         ftok[b, :P[b]] = m.flow_prompt_speech_token
         cond[b, :r * P[b]] = m.prompt_speech_feat
-    T_out = T if speeds.min() >= 1.0 else hift_bucket(int(np.ceil(T / float(speeds.min()))))
+    T_out = hift_bucket(int(np.ceil(max(1, int(gen_len.max()) * r) / min(1.0, float(speeds.min())))))
     inputs.update(flow_prompt_token=ftok, flow_prompt_len=P, flow_cond=cond,
                   flow_embedding=np.stack([m.flow_embedding for m in mis]), flow_noise=seed0_noise_np(T, 80),
                   speed=speeds)
@@ -222,6 +226,20 @@ def _llm_draws(config: PipelineConfig, key, B: int, max_new: int):
 # =============================================================================================
 # the jittable batched core
 
+def speech_tokens(params, inputs: dict, key, config: PipelineConfig, shapes: StaticShapes):
+    """The LLM stage of `synthesize` (shapes.tokens == 'llm') -> (tokens [B, max_new] int32 (0 past n_tok),
+    n_tok [B] int32), before the silent filter. key: `synthesize`'s key (its first split draws the LLM)."""
+    from cosyjax.llm.generate import generate_traced
+
+    B = inputs["llm_ids"].shape[0]
+    k_llm, _ = jax.random.split(key)
+    tokens, n_tok = generate_traced(
+        params["llm"], config.llm, inputs["llm_ids"], inputs["llm_kind"], inputs["llm_start"],
+        inputs["llm_min_len"], inputs["llm_max_len"], _llm_draws(config, k_llm, B, shapes.max_new),
+        method=config.sampling, max_new=shapes.max_new, capacity=shapes.capacity)
+    return jnp.maximum(tokens, 0), n_tok
+
+
 def synthesize(params, inputs: dict, key, config: PipelineConfig, shapes: StaticShapes):
     """The whole pipeline on a padded batch -> (wav [B, S] float32 (zero past wav_len), wav_len [B] int32).
 
@@ -230,17 +248,10 @@ def synthesize(params, inputs: dict, key, config: PipelineConfig, shapes: Static
     `jax.jit(..., static_argnames=('config', 'shapes'))` and/or `jax.vmap` (vmap the plain function, as
     `synthesize_rows` does).
     """
-    from cosyjax.llm.generate import generate_traced
-
-    B = inputs["flow_prompt_len"].shape[0]
-    k_llm, k_voc = jax.random.split(key)
+    _, k_voc = jax.random.split(key)
     k_voc = jax.random.fold_in(k_voc, 0)  # = the first (and only) vocoder call of a request
     if shapes.tokens == "llm":
-        tokens, n_tok = generate_traced(
-            params["llm"], config.llm, inputs["llm_ids"], inputs["llm_kind"], inputs["llm_start"],
-            inputs["llm_min_len"], inputs["llm_max_len"], _llm_draws(config, k_llm, B, shapes.max_new),
-            method=config.sampling, max_new=shapes.max_new, capacity=shapes.capacity)
-        tokens = jnp.maximum(tokens, 0)
+        tokens, n_tok = speech_tokens(params, inputs, key, config, shapes)
     else:
         tokens, n_tok = inputs["given_tokens"], inputs["given_len"]
     if shapes.filter_silent:
@@ -271,6 +282,18 @@ def synthesize(params, inputs: dict, key, config: PipelineConfig, shapes: Static
 
 
 _SHARED_INPUTS = frozenset({"flow_noise"})
+_LLM_INPUTS = ("llm_ids", "llm_kind", "llm_start", "llm_min_len", "llm_max_len")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "shapes"))
+def speech_token_rows(params, inputs: dict, keys, config: PipelineConfig, shapes: StaticShapes):
+    """`speech_tokens` with one key per row, vmapped as `synthesize_rows` (the same tokens it generates)
+    -> (tokens [B, max_new], n_tok [B]). inputs: `prepare_inputs`' LLM arrays (others are ignored)."""
+    rows = {k: jnp.asarray(inputs[k])[:, None] for k in _LLM_INPUTS}
+    one_shapes = dataclasses.replace(shapes, batch=1)
+    tokens, n_tok = jax.vmap(lambda p, x, k: speech_tokens(p, x, k, config, one_shapes),
+                             in_axes=(None, 0, 0))(params, rows, keys)
+    return tokens[:, 0], n_tok[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "shapes"))
@@ -372,17 +395,32 @@ class Engine:
         """Non-streaming synthesis of many model inputs with the jitted core -> list of float32 [1, N].
 
         Each row uses `keys[i]`: rows give the audio they would give alone in a batch of one."""
-        inputs, shapes = prepare_inputs(self.config, model_inputs, speed=speed, max_len=max_len, min_len=min_len,
-                                        tokens=tokens, hift_noise=hift_noise)
         keys = jnp.stack([jnp.asarray(k) for k in keys])
-        B = shapes.batch
-        if keys.shape[0] != B:
-            raise PipelineInputError(f"{keys.shape[0]} keys for {B} model inputs")
-        if self.mesh is not None:
+        if keys.shape[0] != len(model_inputs):
+            raise PipelineInputError(f"{keys.shape[0]} keys for {len(model_inputs)} model inputs")
+        wav, wav_len = self._rows(model_inputs, keys, speed=speed, max_len=max_len, min_len=min_len, tokens=tokens,
+                                  hift_noise=hift_noise)
+        return [wav[b:b + 1, :int(wav_len[b])] for b in range(len(model_inputs))]
+
+    def _rows(self, model_inputs: Sequence, keys, *, speed, tokens, hift_noise, shard: bool = True, **llm_len):
+        """`synthesize_rows` in two device calls -> (wav [B, S], wav_len [B]) numpy: the LLM first
+        (`speech_token_rows`), then flow + vocoder on its tokens as given tokens, so that the flow and
+        vocoder buckets fit the tokens generated, not the LLM's output slots (the same keys: the same
+        audio as the one-program `synthesize_rows`)."""
+        cfg = self.config
+        inputs, shapes = prepare_inputs(cfg, model_inputs, speed=speed, tokens=tokens, hift_noise=hift_noise,
+                                        **llm_len)
+        B, shard = shapes.batch, shard and self.mesh is not None
+        if shapes.tokens == "llm":
+            ins, ks, sh = self._shard(inputs, keys, shapes) if shard else (inputs, keys, shapes)
+            toks, n_tok = speech_token_rows(self.params, {k: ins[k] for k in _LLM_INPUTS}, ks, cfg, sh)
+            toks, n_tok = np.asarray(toks), np.asarray(n_tok)  # one transfer between the stages
+            given = [toks[b, :int(n_tok[b])] for b in range(B)]
+            inputs, shapes = prepare_inputs(cfg, model_inputs, speed=speed, tokens=given, hift_noise=hift_noise)
+        if shard:
             inputs, keys, shapes = self._shard(inputs, keys, shapes)
-        wav, wav_len = synthesize_rows(self.params, inputs, keys, self.config, shapes)
-        wav, wav_len = np.asarray(wav), np.asarray(wav_len)
-        return [wav[b:b + 1, :int(wav_len[b])] for b in range(B)]
+        wav, wav_len = synthesize_rows(self.params, inputs, keys, cfg, shapes)
+        return np.asarray(wav)[:B], np.asarray(wav_len)[:B]
 
     def _shard(self, inputs: dict, keys, shapes: StaticShapes):
         """Pad the batch to a multiple of the mesh size (repeating the last row) and place rows on 'data'."""
@@ -433,10 +471,9 @@ class Engine:
             elif m.kind == "bistream":
                 given = [np.asarray(list(self._llm_token_stream(m, k_llm, llm_hop, llm_kwargs)), np.int32)]
             noise = noise_provider(0, 0)["noise"] if noise_provider is not None else None
-            inputs, shapes = prepare_inputs(cfg, [m], speed=speed, tokens=given, hift_noise=noise,
-                                            **{k: v for k, v in llm_kwargs.items() if k in ("max_len", "min_len")})
-            wav, wav_len = synthesize_rows(self.params, inputs, key[None], cfg, shapes)
-            yield {"tts_speech": np.asarray(wav)[:, :int(wav_len[0])]}
+            wav, wav_len = self._rows([m], key[None], speed=speed, tokens=given, hift_noise=noise, shard=False,
+                                      **{k: v for k, v in llm_kwargs.items() if k in ("max_len", "min_len")})
+            yield {"tts_speech": wav[:, :int(wav_len[0])]}
             return
         from cosyjax import streaming
 

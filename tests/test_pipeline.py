@@ -106,6 +106,34 @@ def test_synthesize_batched_equals_vmapped(engine):
     np.testing.assert_allclose(np.asarray(wav_b), np.asarray(wav_v), atol=2e-5)
 
 
+def test_engine_two_stages_equal_one_program_and_fit_buckets(engine):
+    """`Engine.synthesize_batch` runs the LLM, then flow + vocoder on the tokens it generated: the same
+    audio as the one-program `synthesize_rows`, with flow / vocoder buckets sized by the generated tokens
+    (not by the LLM's output slots, nor, for the vocoder, by the prompt)."""
+    from cosyjax.flow.inputs import bucket_for
+    from cosyjax.hift.vocoder import bucket_length as hift_bucket
+    from cosyjax.pipeline import prepare_inputs, speech_token_rows, synthesize_rows
+
+    mis = _inputs(2)
+    keys = jnp.stack([jax.random.PRNGKey(10 + i) for i in range(2)])
+    kw = dict(max_len=40, min_len=10)
+    inputs, shapes = prepare_inputs(engine.config, mis, **kw)
+    wav1, len1 = synthesize_rows(engine.params, inputs, keys, engine.config, shapes)  # one program
+    got = engine.synthesize_batch(mis, list(keys), **kw)  # two device calls
+    for b in range(2):
+        ref = np.asarray(wav1)[b, :int(len1[b])]
+        assert got[b].shape == (1, ref.shape[0]), b
+        assert np.linalg.norm(got[b][0] - ref) / np.linalg.norm(ref) < 1e-4, b
+    toks, n_tok = speech_token_rows(engine.params, inputs, keys, engine.config, shapes)
+    n_tok = np.asarray(n_tok)
+    assert shapes.max_new == 64 and n_tok.max() < shapes.max_new  # the LLM stopped before its last slot
+    given = [np.asarray(toks)[b, :n_tok[b]] for b in range(2)]
+    _, sh2 = prepare_inputs(engine.config, mis, tokens=given)
+    P = np.array([m["flow_prompt_speech_token"].shape[1] for m in mis])
+    assert sh2.flow_tokens == bucket_for(int((P + n_tok).max())) < shapes.flow_tokens
+    assert sh2.mel_frames == hift_bucket(2 * int(n_tok.max())) < shapes.mel_frames
+
+
 def test_prepare_inputs_rejects_bad_input(engine):
     from cosyjax.pipeline import PipelineInputError, prepare_inputs
 
