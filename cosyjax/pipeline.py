@@ -32,7 +32,8 @@ from cosyjax.stage_batch import run_alone
 from cosyjax.streaming import MAX_SILENT_RUN, StreamConfig
 
 __all__ = ["PipelineConfig", "StaticShapes", "Engine", "make_mesh", "prepare_inputs", "prepare_params",
-           "speech_token_rows", "speech_tokens", "synthesize", "synthesize_rows", "PipelineInputError"]
+           "speech_token_rows", "speech_tokens", "synthesize", "synthesize_rows", "token2wav_lengths",
+           "PipelineInputError"]
 
 
 class PipelineInputError(CosyJaxError):
@@ -100,7 +101,7 @@ class StaticShapes:
     batch: int
     tokens: str  # 'llm' (the LLM generates) | 'given' (voice conversion / replayed tokens)
     filter_silent: bool  # apply CosyVoice3's silent-token filter (llm_job); off for voice conversion
-    max_new: int  # LLM output slots, or the given-token width
+    max_new: int  # LLM output slots, or the given-token width (= flow_tokens)
     capacity: int  # LLM KV-cache slots (0 without the LLM)
     flow_tokens: int  # flow bucket: prompt + new tokens
     mel_frames: int  # vocoder frames: a bucket >= the longest row's new frames (more when a row's speed < 1)
@@ -142,7 +143,7 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence, *, speed=1.0,
     """
     from cosyjax.flow.inputs import bucket_for, seed0_noise_np
     from cosyjax.hift.vocoder import bucket_length as hift_bucket
-    from cosyjax.llm.generate import bucket_length, prepare
+    from cosyjax.llm.generate import prepare
 
     B = len(model_inputs)
     if B == 0:
@@ -167,10 +168,8 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence, *, speed=1.0,
         for b, g in enumerate(given):
             if g.size and (g.min() < 0 or g.max() >= config.flow.vocab_size):
                 raise PipelineInputError(f"row {b}: speech tokens outside [0, {config.flow.vocab_size})")
-        width = bucket_length(max(1, max(len(g) for g in given)))
-        inputs["given_tokens"] = _pad_rows(given, width, np.int32)
         inputs["given_len"] = np.array([len(g) for g in given], np.int32)
-        n_new, capacity, source = width, 0, "given"
+        capacity, source = 0, "given"
         gen_len = np.array([len(g) for g in given], np.int64)
     else:
         p = prepare(config.llm, _pad_rows([m.text for m in mis], max(len(m.text) for m in mis), np.int32),
@@ -190,6 +189,9 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence, *, speed=1.0,
     # output has the prompt removed), so neither computes padding a longer row of the batch does not need
     N = bucket_for(int((P + gen_len).max()))
     T = N * r
+    if source == "given":  # padded to the flow bucket: no shape of its own (N >= every row's tokens)
+        inputs["given_tokens"] = _pad_rows(given, N, np.int32)
+        n_new = N
     ftok = np.zeros((B, N), np.int32)
     cond = np.zeros((B, T, 80), np.float32)
     for b, m in enumerate(mis):
@@ -212,6 +214,19 @@ def prepare_inputs(config: PipelineConfig, model_inputs: Sequence, *, speed=1.0,
     shapes = StaticShapes(batch=B, tokens=source, filter_silent=not vc and bool(config.silent_tokens),
                           max_new=n_new, capacity=capacity, flow_tokens=N, mel_frames=T_out)
     return inputs, shapes
+
+
+def token2wav_lengths(config: PipelineConfig, model_input, max_tokens: Optional[int] = None) -> list[int]:
+    """One generated-token count per distinct flow + vocoder program (`StaticShapes`) that `model_input`
+    can reach with 0..max_tokens tokens (default: its LLM's output slots) -> sorted counts. A server warms
+    these up so that no answer length compiles on first use."""
+    if max_tokens is None:
+        max_tokens = prepare_inputs(config, [model_input])[1].max_new
+    first: dict = {}
+    for n in range(int(max_tokens) + 1):
+        _, sh = prepare_inputs(config, [model_input], tokens=[np.zeros(n, np.int32)])
+        first.setdefault(sh, n)
+    return sorted(first.values())
 
 
 def _llm_draws(config: PipelineConfig, key, B: int, max_new: int):

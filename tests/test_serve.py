@@ -265,6 +265,18 @@ def test_warmup_compiles_the_batched_stream_programs(env):
     assert gang is not None
     warmup(app)
     assert set(gang.groups) == {2} and gang.groups[2] >= 3  # flow chunk, f0 and wave programs, each as a pair
+    # every answer length of the voice's "Hello." was compiled: any LLM output length compiles nothing new
+    from cosyjax.pipeline import synthesize_rows
+    from cosyjax.serve.speech_request import parse_speech_request
+
+    svc = app.state.service
+    req = parse_speech_request({"model": svc.model_name, "input": "Hello.", "voice": "demo"}, formats=svc.formats,
+                               models=svc.models)
+    _, inputs, keys = svc.model_inputs(req, 0)
+    programs = synthesize_rows._cache_size()
+    for n in (3, 40, 77, 128):
+        svc.tts.engine.synthesize_batch(inputs[:1], keys[:1], tokens=[np.full(n, 7, np.int32)])
+    assert synthesize_rows._cache_size() == programs
 
 
 def test_models_and_metrics(env):

@@ -113,7 +113,8 @@ def load_tts(model_dir: str, args):
 
 
 def warmup(app) -> None:
-    """Compile what requests will run: one batch per row bucket (1, 2, 4, ... max_batch) and one stream."""
+    """Compile what requests will run: per row bucket (1, 2, 4, ... max_batch) the LLM stage and the flow +
+    vocoder stage of every answer length the first voice's "Hello." can reach, and one stream."""
     from cosyjax.serve.batcher import batch_bucket
     from cosyjax.serve.speech_request import parse_speech_request
 
@@ -126,9 +127,17 @@ def warmup(app) -> None:
                                 "response_format": "wav"}, formats=svc.formats, models=svc.models)
     _, inputs, keys = svc.model_inputs(req, 0)
     sizes = sorted({batch_bucket(n, svc.config.max_batch) for n in range(1, svc.config.max_batch + 1)})
+    import numpy as np
+
+    from cosyjax.pipeline import token2wav_lengths
+
+    engine = svc.tts.engine
+    lengths = token2wav_lengths(engine.config, inputs[0])  # every answer length of this voice's buckets
     for b in sizes:
-        print(f"warmup: batch of {b}", file=sys.stderr)
-        svc.tts.engine.synthesize_batch(inputs[:1] * b, keys[:1] * b)
+        print(f"warmup: batch of {b} ({len(lengths)} answer-length buckets)", file=sys.stderr)
+        engine.synthesize_batch(inputs[:1] * b, keys[:1] * b)  # the LLM stage
+        for n in lengths:
+            engine.synthesize_batch(inputs[:1] * b, keys[:1] * b, tokens=[np.zeros(n, np.int32)] * b)
     print("warmup: stream", file=sys.stderr)
     open_stream = svc.slot_streams.open if svc.slot_streams is not None else \
         (lambda mi, key: svc.tts.engine.tts(mi, stream=True, key=key))
