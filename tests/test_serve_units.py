@@ -281,3 +281,37 @@ def test_malloc_trimmer_runs_on_its_interval_and_stops():
     trim = glibc_malloc_trim()
     if trim is not None:  # glibc (Linux): the real call answers 0 or 1
         assert trim() in (0, 1)
+
+
+def test_compile_cache_folder_choice_and_a_second_process_loads_from_it(tmp_path, monkeypatch):
+    """`--compile-cache`: default <cache>/xla, 'none' off; a program compiled by one process is written to
+    the folder, and a second process with the same folder reads it instead of compiling (cache hit)."""
+    import os
+    import subprocess
+    import sys
+
+    from cosyjax.serve.cli import _compile_cache_dir
+
+    monkeypatch.setenv("COSYJAX_CACHE", str(tmp_path / "root"))
+    assert _compile_cache_dir(None) == str(tmp_path / "root" / "xla")
+    assert _compile_cache_dir("none") is None and _compile_cache_dir("off") is None
+    assert _compile_cache_dir(str(tmp_path / "x")) == str(tmp_path / "x")
+    folder = tmp_path / "xla"
+    prog = (
+        "import logging, sys, jax, jax.numpy as jnp\n"
+        "from cosyjax.serve.cli import enable_compile_cache\n"
+        "enable_compile_cache(sys.argv[1])\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "logging.basicConfig(level=logging.DEBUG, format='%(message)s')\n"
+        "logging.getLogger('jax._src.compilation_cache').setLevel(logging.DEBUG)\n"
+        "logging.getLogger('jax._src.compiler').setLevel(logging.DEBUG)\n"
+        "f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())\n"
+        "print(float(f(jnp.ones((64, 64)))))\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    runs = [subprocess.run([sys.executable, "-c", prog, str(folder)], capture_output=True, text=True, env=env,
+                           timeout=300) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert any(p.name.startswith("jit__lambda") for p in folder.iterdir()), list(folder.iterdir())
+    assert "Persistent compilation cache hit for 'jit__lambda" in runs[1].stderr, runs[1].stderr[-3000:]
+    assert "Persistent compilation cache hit for 'jit__lambda" not in runs[0].stderr

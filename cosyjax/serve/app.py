@@ -70,6 +70,7 @@ class ServeConfig:
     stream_capacity: int = 1024               # KV entries per slot (prompt + generated tokens)
     batch_streams: Optional[bool] = None      # streams' flow/vocoder calls batched (StageGang); None: off on CPU
     malloc_trim_s: float = 10.0               # give freed heap back to the OS this often (glibc; 0: never)
+    compile_cache: Optional[str] = None       # XLA's persistent compilation cache folder (set by the process owner)
 
 
 def _has_eop(text: str) -> bool:

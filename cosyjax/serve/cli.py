@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 from cosyjax.errors import CosyJaxError
 
@@ -45,6 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="run concurrent streams' flow/vocoder calls as one batched call (auto: on unless on CPU)")
     s.add_argument("--malloc-trim-s", type=float, default=10.0,
                    help="return freed heap memory to the OS every this many seconds (glibc malloc_trim; 0: never)")
+    s.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled programs in DIR across restarts (XLA's persistent compilation cache; "
+                        "default <cache>/xla; 'none': off)")
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     s.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "pallas"))
     s.add_argument("--sampling", default="ras", choices=("ras", "greedy"))
@@ -102,7 +106,32 @@ def config_from_args(args, model_dir: str):
                        max_upload_bytes=int(args.max_upload_mb * 2 ** 20), text_frontend=not args.no_text_frontend,
                        stream_slots=args.stream_slots, stream_capacity=args.stream_capacity,
                        batch_streams={"auto": None, "on": True, "off": False}[args.stream_batching],
-                       malloc_trim_s=args.malloc_trim_s)
+                       malloc_trim_s=args.malloc_trim_s, compile_cache=_compile_cache_dir(args.compile_cache))
+
+
+def _compile_cache_dir(choice: Optional[str]) -> Optional[str]:
+    from cosyjax.model_cache import cache_root
+
+    if choice is not None and choice.lower() in ("none", "off", ""):
+        return None
+    return os.path.abspath(choice or os.path.join(cache_root(), "xla"))
+
+
+def enable_compile_cache(path: Optional[str]) -> None:
+    """Point this process's XLA compilation cache at `path` (None: leave it off): a restarted server, or
+    another replica on the same disk, loads the programs an earlier one compiled instead of compiling
+    them again (warm-up and first-use compilations). Process-wide, so only the process owner (the serve
+    CLI, a Ray replica) calls it."""
+    if path is None:
+        return
+    import jax
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ServeCLIError(f"--compile-cache {path}: cannot create the folder ({e.strerror})") from e
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # small programs are cheaper to compile
 
 
 def load_tts(model_dir: str, args):
@@ -190,6 +219,7 @@ def run(args) -> int:
 
     model_dir = _model_dir(args)
     config = config_from_args(args, model_dir)
+    enable_compile_cache(config.compile_cache)
     app = create_app(load_tts(model_dir, args), config)
     if args.warmup:
         warmup(app)

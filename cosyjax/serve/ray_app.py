@@ -49,7 +49,9 @@ def build_deployment(model_dir: str, config, tts_kwargs: dict, replicas: int = 1
     class CosyJaxSpeech:
         def __init__(self, model_dir: str, config, tts_kwargs: dict):
             from cosyjax.api import CosyVoice
+            from cosyjax.serve.cli import enable_compile_cache
 
+            enable_compile_cache(config.compile_cache)  # this replica's process
             self.tts = CosyVoice.from_pretrained(model_dir, **tts_kwargs)
             self.config = config
 
