@@ -427,8 +427,9 @@ class Engine:
                                         **llm_len)
         B, shard = shapes.batch, shard and self.mesh is not None
         if shapes.tokens == "llm":
-            ins, ks, sh = self._shard(inputs, keys, shapes) if shard else (inputs, keys, shapes)
-            toks, n_tok = speech_token_rows(self.params, {k: ins[k] for k in _LLM_INPUTS}, ks, cfg, sh)
+            llm_in = {k: inputs[k] for k in _LLM_INPUTS}  # only these go to the device for the LLM stage
+            ins, ks, sh = self._shard(llm_in, keys, shapes) if shard else (llm_in, keys, shapes)
+            toks, n_tok = speech_token_rows(self.params, ins, ks, cfg, sh)
             toks, n_tok = np.asarray(toks), np.asarray(n_tok)  # one transfer between the stages
             given = [toks[b, :int(n_tok[b])] for b in range(B)]
             inputs, shapes = prepare_inputs(cfg, model_inputs, speed=speed, tokens=given, hift_noise=hift_noise)

@@ -144,6 +144,9 @@ def load_tts(model_dir: str, args):
 def warmup(app) -> None:
     """Compile what requests will run: per row bucket (1, 2, 4, ... max_batch) the LLM stage and the flow +
     vocoder stage of every answer length the first voice's "Hello." can reach, and one stream."""
+    import numpy as np
+
+    from cosyjax.pipeline import token2wav_lengths
     from cosyjax.serve.batcher import batch_bucket
     from cosyjax.serve.speech_request import parse_speech_request
 
@@ -156,10 +159,6 @@ def warmup(app) -> None:
                                 "response_format": "wav"}, formats=svc.formats, models=svc.models)
     _, inputs, keys = svc.model_inputs(req, 0)
     sizes = sorted({batch_bucket(n, svc.config.max_batch) for n in range(1, svc.config.max_batch + 1)})
-    import numpy as np
-
-    from cosyjax.pipeline import token2wav_lengths
-
     engine = svc.tts.engine
     lengths = token2wav_lengths(engine.config, inputs[0])  # every answer length of this voice's buckets
     for b in sizes:
