@@ -3,10 +3,12 @@
     python bench/bench_stream.py --seconds 10 20            # full-size CV3 (random weights), this CPU
     python bench/bench_stream.py --seconds 10 30 60 --dtype bfloat16   # on a GPU
     python bench/bench_stream.py --tiny --seconds 30 60     # the tiny golden model (plumbing, quick)
+    python bench/bench_stream.py --seconds 20 --max-hop 50 --modes incremental   # equal hops after the first
 
 The LLM is left out: fixed random speech tokens arrive all at once, so the table shows the flow + vocoder
 cost of each chunk of upstream's schedule (hops 25+pad, 50, 100, 100, ... tokens; the last chunk full
-attention). `recompute` is upstream's algorithm (every chunk re-solves the whole prefix and CV3 re-vocodes
+attention). `--max-hop 50` caps the hop at 50 tokens (upstream's `token_max_hop_len`), so every chunk after
+the first is as long as the second and last/2nd compares equal chunks. `recompute` is upstream's algorithm (every chunk re-solves the whole prefix and CV3 re-vocodes
 the whole mel); `incremental` keeps the per-step DiT K/V and the causal vocoder state. Each chunk is
 timed including its host<->device transfers; each mode runs the whole utterance once untimed first
 (compilation of every chunk shape), and time-to-first-audio is the first chunk's time after that. Prints one row per
@@ -15,6 +17,7 @@ chunk, then per length: TTFA, last-non-final / second chunk ratio, total, and th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -28,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _models(tiny: bool, dtype: str):
+def _models(tiny: bool, dtype: str, max_hop: int | None = None):
     from cosyjax.config import ModelConfig
     from cosyjax.pipeline import Engine, PipelineConfig
 
@@ -50,7 +53,10 @@ def _models(tiny: bool, dtype: str):
         llm = jax.tree_util.tree_map(lambda s: np.zeros((1,) * len(s.shape), np.float32),
                                      abstract_params(LLMConfig.from_model_config(mc)))
         params = {"llm": llm, "flow": flow_init(cfg.flow, jax.random.PRNGKey(0)), "hift": hift_params(cfg.hift)}
-    return Engine(params, PipelineConfig.from_model_config(mc, dtype=dtype)), mc
+    cfg = PipelineConfig.from_model_config(mc, dtype=dtype)
+    if max_hop is not None:
+        cfg = dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, token_max_hop_len=max_hop))
+    return Engine(params, cfg), mc
 
 
 def _prompt_input(mc, P: int, rng):
@@ -77,11 +83,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--tiny", action="store_true", help="the tiny golden CV3 model instead of full size")
     ap.add_argument("--modes", default="incremental,recompute")
+    ap.add_argument("--max-hop", type=int, default=None,
+                    help="token_max_hop_len (default: the model's, 100); 50 = equal chunks after the first")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.platform} {dev.device_kind}; jax {jax.__version__}; host cores {os.cpu_count()}; "
           f"{'tiny' if args.tiny else 'full-size'} CV3, {args.dtype}")
-    engine, mc = _models(args.tiny, args.dtype)
+    engine, mc = _models(args.tiny, args.dtype, args.max_hop)
+    st = engine.config.stream
+    print(f"hops: {st.token_hop_len} (+ prompt pad), x{st.stream_scale_factor} up to {st.token_max_hop_len} tokens")
     rng = np.random.default_rng(0)
     mi = _prompt_input(mc, args.prompt, rng)
     modes = [m for m in args.modes.split(",") if m]

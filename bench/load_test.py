@@ -9,7 +9,8 @@ Closed loop: at each concurrency c (default 1,4,8,16), c workers send requests b
 at a fixed `--rate` per second (`--open-requests` of them) whatever the server's speed. Modes: `batch`
 (non-streaming WAV: joins the server's batches) and `stream` (streaming PCM). For each run it prints
 requests/s, audio seconds per second, time to first audio p50/p95/p99, errors (by status), and the
-server's resident memory before/after. Also printed: the two issue-12 ratios, 8 concurrent vs 8
+server's resident memory before/after and the CPU cores it kept busy (CPU seconds / wall: on a CPU-only
+machine, a server already near its core count at concurrency 1 has little for batching to gain). Also printed: the two issue-12 ratios, 8 concurrent vs 8
 sequential non-streaming requests (wall time) and 8 streams vs 1 (audio seconds per second).
 """
 from __future__ import annotations
@@ -42,6 +43,18 @@ def rss_mb(pid) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def cpu_seconds(pid) -> float:
+    """User + system CPU seconds `pid` has used, all threads (Linux /proc), NaN if unknown."""
+    if not pid:
+        return float("nan")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def audio_seconds(nbytes: int, fmt: str) -> float:
@@ -109,7 +122,7 @@ async def open_loop(args, mode, rate, n_requests):
     return list(results), wall
 
 
-def summarize(label, results, wall, rss_before, rss_after):
+def summarize(label, results, wall, rss_before, rss_after, cpu=float("nan")):
     ok = [r for r in results if r["status"] == 200]
     errors = {}
     for r in results:
@@ -120,15 +133,15 @@ def summarize(label, results, wall, rss_before, rss_after):
     audio = sum(r["audio"] for r in ok)
     row = {"run": label, "requests": len(results), "ok": len(ok), "wall_s": wall, "req_per_s": len(ok) / wall,
            "audio_s_per_s": audio / wall, "ttfa_p50": pct(50), "ttfa_p95": pct(95), "ttfa_p99": pct(99),
-           "errors": errors, "rss_before_mb": rss_before, "rss_after_mb": rss_after}
+           "errors": errors, "rss_before_mb": rss_before, "rss_after_mb": rss_after, "server_cores": cpu / wall}
     print(f"{label:<24} {len(results):>4} {len(ok):>4} {wall:>8.2f} {row['req_per_s']:>7.3f} {row['audio_s_per_s']:>8.3f}"
           f" {row['ttfa_p50']:>7.2f} {row['ttfa_p95']:>7.2f} {row['ttfa_p99']:>7.2f} {rss_before:>8.0f} {rss_after:>8.0f}"
-          f"  {json.dumps(errors) if errors else '-'}", flush=True)
+          f" {row['server_cores']:>6.2f}  {json.dumps(errors) if errors else '-'}", flush=True)
     return row
 
 
 HEADER = (f"{'run':<24} {'reqs':>4} {'ok':>4} {'wall_s':>8} {'req/s':>7} {'audio/s':>8} {'ttfa50':>7} {'ttfa95':>7}"
-          f" {'ttfa99':>7} {'rss0_MB':>8} {'rss1_MB':>8}  errors")
+          f" {'ttfa99':>7} {'rss0_MB':>8} {'rss1_MB':>8} {'cores':>6}  errors")
 
 
 def free_port() -> int:
@@ -213,9 +226,9 @@ def main(argv=None) -> int:
             while time.perf_counter() < t_end:
                 mode = modes[k % len(modes)]
                 k += 1
-                r0 = rss_mb(pid)
+                r0, c0 = rss_mb(pid), cpu_seconds(pid)
                 res, wall = asyncio.run(closed_loop(args, mode, 8, 16, max(1.0, t_end - time.perf_counter())))
-                rows.append(summarize(f"soak c=8 {mode} #{k}", res, wall, r0, rss_mb(pid)))
+                rows.append(summarize(f"soak c=8 {mode} #{k}", res, wall, r0, rss_mb(pid), cpu_seconds(pid) - c0))
             after = rss_mb(pid)
             n5 = sum(v for r in rows for s, v in r["errors"].items() if s.startswith("5"))
             nerr = sum(v for r in rows for v in r["errors"].values())
@@ -226,12 +239,12 @@ def main(argv=None) -> int:
             for mode in args.modes.split(","):
                 for c in [int(x) for x in args.concurrency.split(",")]:
                     n = args.requests or max(8, 2 * c)
-                    r0 = rss_mb(pid)
+                    r0, c0 = rss_mb(pid), cpu_seconds(pid)
                     res, wall = asyncio.run(closed_loop(args, mode, c, n, args.max_seconds))
-                    rows.append(summarize(f"closed c={c} {mode}", res, wall, r0, rss_mb(pid)))
-                r0 = rss_mb(pid)
+                    rows.append(summarize(f"closed c={c} {mode}", res, wall, r0, rss_mb(pid), cpu_seconds(pid) - c0))
+                r0, c0 = rss_mb(pid), cpu_seconds(pid)
                 res, wall = asyncio.run(open_loop(args, mode, args.rate, args.open_requests))
-                rows.append(summarize(f"open {args.rate:g}/s {mode}", res, wall, r0, rss_mb(pid)))
+                rows.append(summarize(f"open {args.rate:g}/s {mode}", res, wall, r0, rss_mb(pid), cpu_seconds(pid) - c0))
             by = {r["run"]: r for r in rows}
             seq, par = by.get("closed c=1 batch"), by.get("closed c=8 batch")
             if seq and par and seq["ok"] and par["ok"]:

@@ -28,7 +28,7 @@ from cosyjax.errors import CosyJaxError
 from cosyjax.model_input import ModelInput
 from cosyjax.nn.numerics import Numerics
 from cosyjax.pipeline_ops import filter_silent_batch, length_mask, resize_linear
-from cosyjax.stage_batch import run_alone
+from cosyjax.stage_batch import CompileOnce, run_alone
 from cosyjax.streaming import MAX_SILENT_RUN, StreamConfig
 
 __all__ = ["PipelineConfig", "StaticShapes", "Engine", "make_mesh", "prepare_inputs", "prepare_params",
@@ -510,6 +510,23 @@ class Engine:
         """`generate` yielding only the audio arrays float32 [1, N]."""
         for out in self.generate(mi, **kw):
             yield out["tts_speech"]
+
+    def warm_streams(self, mi, key=None, max_tokens: Optional[int] = None) -> int:
+        """Compile the streaming flow + vocoder programs of every answer length 1..max_tokens (default: the
+        LLM's output slots for `mi`) -> the number of distinct stage programs. Each length streams given
+        tokens through a `CompileOnce` runner, so a program already run is not run again; after this, a
+        stream of `mi`'s prompt with any such length compiles nothing (the LLM's programs are not warmed)."""
+        m = ModelInput.from_dict(mi, self.config.flow.token_mel_ratio)
+        if m.kind == "tokens":
+            raise PipelineInputError("warm_streams needs a text input (a voice-conversion input has its tokens)")
+        if max_tokens is None:
+            max_tokens = prepare_inputs(self.config, [m])[1].max_new
+        key = jax.random.PRNGKey(0) if key is None else key
+        run = CompileOnce()
+        for n in range(1, int(max_tokens) + 1):
+            for _ in self.generate(m, stream=True, key=key, tokens=np.zeros(n, np.int32), stage_runner=run):
+                pass
+        return run.programs
 
     # ---- streaming stages --------------------------------------------------------------------------
     def flow_stage(self, m, incremental: bool, run: Callable = run_alone):

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -277,6 +278,18 @@ def test_warmup_compiles_the_batched_stream_programs(env):
     for n in (3, 40, 77, 128):
         svc.tts.engine.synthesize_batch(inputs[:1], keys[:1], tokens=[np.full(n, 7, np.int32)])
     assert synthesize_rows._cache_size() == programs
+    # and every stream length: neither a stage program nor an eager op compiles (any jax compilation counts)
+    compiles = []
+    listen = [True]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if listen[0] and "backend_compile" in event else None)
+    try:
+        for n in (3, 40, 77, 128):
+            for _ in svc.tts.engine.tts(inputs[0], stream=True, key=keys[0], tokens=np.full(n, 7, np.int32)):
+                pass
+    finally:
+        listen[0] = False
+    assert compiles == [], len(compiles)
 
 
 def test_models_and_metrics(env):

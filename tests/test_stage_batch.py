@@ -12,7 +12,7 @@ import pytest
 
 from cosyjax.hift.f0_predictor import x64_enabled
 from cosyjax.serve.batcher import Scheduler
-from cosyjax.stage_batch import StageCall, StageGang, run_alone
+from cosyjax.stage_batch import CompileOnce, StageCall, StageGang, run_alone
 
 
 @functools.partial(jax.jit, static_argnames=("scale",), donate_argnums=(1,))
@@ -178,3 +178,18 @@ def test_scheduler_rounds_with_a_gang_batch_the_streams_calls():
         for k, y in enumerate(got[i][:3]):
             np.testing.assert_allclose(y, 2.0 * (np.asarray(w) @ np.full(4, i, np.float32)) + k, rtol=1e-5)
     assert max(gang.groups) == 4  # (a round with one live stream runs its calls alone, uncounted)
+
+
+def test_compile_once_runs_each_signature_once_and_answers_repeats_with_zeros_of_its_shapes():
+    run, w = CompileOnce(), jnp.eye(4)
+    y, s = run(_call(w, jnp.zeros(4), np.arange(4, dtype=np.float32)))
+    np.testing.assert_allclose(np.asarray(y), 2 * np.arange(4))  # the first call is real
+    y2, s2 = run(_call(w, jnp.ones(4), np.ones(4, np.float32)))  # same signature: zeros, not computed
+    assert run.programs == 1 and y2.shape == (4,) and y2.dtype == np.float32 and not np.any(np.asarray(y2))
+    run(_call(w, jnp.zeros(4), np.arange(4, dtype=np.float32), scale=3.0))  # a new static: a new program
+    run(_call(jnp.eye(8), jnp.zeros(8), np.arange(8, dtype=np.float32)))  # new shapes: a new program
+    assert run.programs == 3
+    with x64_enabled():
+        carry = jnp.zeros((2,), jnp.float64)
+    call = StageCall(_f64, (), (carry, np.ones(2, np.float32)), context=x64_enabled)
+    assert run(call).dtype == np.float64 and run(call).dtype == np.float64  # the repeat's zeros stay float64

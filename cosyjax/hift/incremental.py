@@ -45,6 +45,10 @@ INCREMENTAL_BUCKETS = tuple(range(16, 513, 16)) + tuple(b for b in DEFAULT_BUCKE
 """Window lengths (mel frames) compiled by `IncrementalVocoderCV3`: fine steps, since a window is
 one chunk plus a constant context and padding is computed work."""
 
+NOISE_MIN_FRAMES = 256
+"""Smallest default-noise draw (frames): draws are powers of two >= this (prefix-stable, so the size
+changes no sample), so a stream of any length reuses the few compiled draw programs."""
+
 
 class IncrementalInputError(CosyJaxError):
     """A bad push (wrong mel shape or dtype, push after the final one, too short a first chunk, short noise)."""
@@ -191,6 +195,8 @@ class IncrementalVocoderCV3:
             # prefix-stable draws (see `default_noise`): regrow by doubling, O(final length) in total
             u = self.cfg.upsample_scale
             frames = max(-(-stop // u), 2 * (0 if self._noise is None else self._noise.shape[1] // u))
+            # a power of two: the eager draw compiles once per size, not once per utterance length
+            frames = max(NOISE_MIN_FRAMES, 1 << (frames - 1).bit_length())
             self._noise = np.asarray(default_noise(self.cfg, self._key, 1, frames))
         win = self._noise[:, start:min(stop, self._noise.shape[1])]
         return np.pad(win, ((0, 0), (0, padded - win.shape[1]), (0, 0)))
@@ -239,7 +245,8 @@ class IncrementalVocoderCV3:
             _wave_jit, (self._rest,), (gen_in, np.array([w], np.int32), f0, phase, noise, None, None,
                                        _trims(c, finalize)),
             static=(("cfg", c), ("dtype", self.dtype), ("intermediates", False), ("precision", self.precision))))
-        audio = np.asarray(wav[:, self.emitted_samples - g0 * u: stop - g0 * u], np.float32)
+        # slice on the host: an eager slice of the device array compiles once per (start, stop) size
+        audio = np.asarray(wav, np.float32)[:, self.emitted_samples - g0 * u: stop - g0 * u]
         self.total_frames, self.emitted_samples = t, stop
         self._carry, self._window_start = carry, next_start
         keep = max(0, next_start - k)

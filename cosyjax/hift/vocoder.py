@@ -330,6 +330,8 @@ def _run(params, cfg: HiFTConfig, mel, *, bucket: int | None, finalize, key, noi
                                       intermediates=intermediates)
     t_wav = t if finalize else t - cfg.finalize_false_trim
     t_src = t if finalize else t - cfg.f0_lookahead
+    if bucket is not None:  # `vocode`: trim on the host (an eager device slice compiles once per length)
+        wav, source = np.asarray(wav), np.asarray(source)
     wav, source = wav[:, : t_wav * u], source[:, : t_src * u]
     if not intermediates:
         return wav, source
@@ -360,7 +362,7 @@ def hift_inference(params, cfg: HiFTConfig, mel, *, finalize: bool = True, key=N
 def vocode(params, cfg: HiFTConfig, mel, *, finalize: bool = True, key=None, noise=None, rand_ini=None,
            cache_source=None, lengths=None, precision=None, dtype=None, buckets=DEFAULT_BUCKETS):
     """`hift_inference` with T padded to `bucket_length(T, buckets)`: same outputs, no recompilation for
-    a new length inside a compiled bucket. Returns (wav, source) trimmed to the input length."""
+    a new length inside a compiled bucket. Returns (wav, source) numpy float32, trimmed to the input length."""
     b, t = _check_mel(cfg, mel)
     return _run(params, cfg, mel, bucket=bucket_length(t, buckets), finalize=finalize, key=key, noise=noise,
                 rand_ini=rand_ini, cache_source=cache_source, lengths=lengths, precision=precision, dtype=dtype,
