@@ -143,8 +143,8 @@ def load_tts(model_dir: str, args):
 
 def warmup(app) -> None:
     """Compile what requests will run: per row bucket (1, 2, 4, ... max_batch) the LLM stage and the flow +
-    vocoder stage of every answer length the first voice's "Hello." can reach, one stream (the LLM's slot
-    programs), and the streaming flow + vocoder programs of every such length."""
+    vocoder stage of every answer length the first voice's "Hello." can reach, one stream through the slots
+    and one alone (the two LLM paths), and the streaming flow + vocoder programs of every such length."""
     import numpy as np
 
     from cosyjax.pipeline import token2wav_lengths
@@ -172,6 +172,9 @@ def warmup(app) -> None:
         (lambda mi, key: svc.tts.engine.tts(mi, stream=True, key=key))
     for _ in open_stream(inputs[0], keys[0]):  # before the worker starts: this thread owns the slots
         pass
+    if svc.slot_streams is not None:  # a stream that finds every slot taken runs the engine's own LLM loop
+        for _ in engine.tts(inputs[0], stream=True, key=keys[0]):
+            pass
     n = engine.warm_streams(inputs[0], keys[0])  # every answer length, as above
     print(f"warmup: streams of every answer length ({n} stage programs)", file=sys.stderr)
     if svc.gang is not None and svc.slot_streams is not None:  # the vmapped stage programs, per group bucket
