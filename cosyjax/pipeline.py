@@ -569,7 +569,7 @@ class Engine:
             def vocoder(mel, cache_source):
                 cs = np.asarray(cache_source, np.float32).reshape(1, -1)
                 wav, source = voc.vocode(params, cfg.hift, mel, cache_source=cs if cs.size else None,
-                                         precision=prec, **extra(mel.shape[1]))
+                                         precision=prec, run=run, **extra(mel.shape[1]))
                 return np.asarray(wav), np.asarray(source)
             return vocoder
         noise = extra(0).get("noise")

@@ -45,6 +45,7 @@ from cosyjax.hift.f0_predictor import x64_enabled
 from cosyjax.hift.generator import HiFTGenerator, time_mask
 from cosyjax.hift.source import default_noise, frame_cumsum, scale_phase, sine_phase, upsample_phase
 from cosyjax.hift.stft import istft, stft
+from cosyjax.stage_batch import StageCall, run_alone
 
 __all__ = ["DEFAULT_BUCKETS", "PHASE_DTYPE", "HiFTInputError", "bucket_length", "device_params", "f0_dtype",
            "f0_stage", "hift_inference", "vocode", "vocode_padded"]
@@ -265,7 +266,7 @@ def _check_mel(cfg: HiFTConfig, mel):
 
 
 def _run(params, cfg: HiFTConfig, mel, *, bucket: int | None, finalize, key, noise, rand_ini, cache_source,
-         lengths, precision, dtype, intermediates, f0=None):
+         lengths, precision, dtype, intermediates, f0=None, run=run_alone):
     if not isinstance(cfg, HiFTConfig):
         raise HiFTInputError(f"cfg must be a HiFTConfig, got {type(cfg).__name__}")
     b, t = _check_mel(cfg, mel)
@@ -323,11 +324,12 @@ def _run(params, cfg: HiFTConfig, mel, *, bucket: int | None, finalize, key, noi
     f0_params, rest = _split(params)
     # device arrays, as `vocode_padded` callers pass them: jit caches numpy and jax arguments separately
     mel_p, lengths_np = jnp.asarray(_pad_time(mel, 1, tb)), jnp.asarray(lengths_np)
-    with x64_enabled():
-        f0, phase = _stage_f0(f0_params, mel_p, lengths_np, f0, cfg=cfg)
-    wav, source, extras = _stage_wave(rest, mel_p, lengths_np, f0, phase, noise, key, cache_source,
-                                      _trims(cfg, finalize), cfg=cfg, precision=precision, dtype=dtype,
-                                      intermediates=intermediates)
+    # the two jitted stages as `StageCall`s: `run` runs them alone, or with other streams' calls (CV2 streaming)
+    f0, phase = run(StageCall(_f0_jit, (f0_params,), (mel_p, lengths_np, f0), static=(("cfg", cfg),),
+                              context=x64_enabled))
+    wav, source, extras = run(StageCall(
+        _wave_jit, (rest,), (mel_p, lengths_np, f0, phase, noise, key, cache_source, _trims(cfg, finalize)),
+        static=(("cfg", cfg), ("dtype", dtype), ("intermediates", intermediates), ("precision", precision))))
     t_wav = t if finalize else t - cfg.finalize_false_trim
     t_src = t if finalize else t - cfg.f0_lookahead
     if bucket is not None:  # `vocode`: trim on the host (an eager device slice compiles once per length)
@@ -360,10 +362,12 @@ def hift_inference(params, cfg: HiFTConfig, mel, *, finalize: bool = True, key=N
 
 
 def vocode(params, cfg: HiFTConfig, mel, *, finalize: bool = True, key=None, noise=None, rand_ini=None,
-           cache_source=None, lengths=None, precision=None, dtype=None, buckets=DEFAULT_BUCKETS):
+           cache_source=None, lengths=None, precision=None, dtype=None, buckets=DEFAULT_BUCKETS, run=run_alone):
     """`hift_inference` with T padded to `bucket_length(T, buckets)`: same outputs, no recompilation for
-    a new length inside a compiled bucket. Returns (wav, source) numpy float32, trimmed to the input length."""
+    a new length inside a compiled bucket. Returns (wav, source) numpy float32, trimmed to the input length.
+    `run`: the runner of the two jitted stages' `StageCall`s (`cosyjax.stage_batch`; a CosyVoice2 stream's
+    chunks run with other streams' through a `StageGang`, warm-up through `CompileOnce`)."""
     b, t = _check_mel(cfg, mel)
     return _run(params, cfg, mel, bucket=bucket_length(t, buckets), finalize=finalize, key=key, noise=noise,
                 rand_ini=rand_ini, cache_source=cache_source, lengths=lengths, precision=precision, dtype=dtype,
-                intermediates=False)
+                intermediates=False, run=run)
