@@ -500,8 +500,13 @@ class Engine:
             silent = cfg.silent_tokens
         else:
             token_iter, silent = self._llm_token_stream(m, k_llm, llm_hop, llm_kwargs), cfg.silent_tokens
+        # a stream whose tokens are all here (an array, a list / tuple of them) allocates the flow's cache
+        # once for its length: growing it mid-stream copies the whole cache in one chunk (full-size CV3 on
+        # this CPU: +3 s at 400 -> 800 frames, +10 s at 800 -> 1600). An LLM's or any other iterator's
+        # stream has no length yet: its cache doubles as it fills (`warm_streams` warms that path).
+        known = sum(int(np.size(t)) for t in token_iter) if isinstance(token_iter, (list, tuple)) else 0
         run = stage_runner or run_alone
-        t2w = streaming.make_token2wav(cfg.version, self.flow_stage(m, incremental, run),
+        t2w = streaming.make_token2wav(cfg.version, self.flow_stage(m, incremental, run, max_tokens=known or None),
                                        self.vocoder_stage(k_voc, noise_provider, incremental, run), cfg.stream)
         yield from streaming.run_stream(token_iter, t2w, m.prompt_len, silent_tokens=silent, config=cfg.stream,
                                         records=records)
@@ -524,13 +529,15 @@ class Engine:
         key = jax.random.PRNGKey(0) if key is None else key
         run = CompileOnce()
         for n in range(1, int(max_tokens) + 1):
-            for _ in self.generate(m, stream=True, key=key, tokens=np.zeros(n, np.int32), stage_runner=run):
+            # an iterator, as the server's LLM streams: the length is not known up front, the cache grows
+            for _ in self.generate(m, stream=True, key=key, tokens=iter([np.zeros(n, np.int32)]), stage_runner=run):
                 pass
         return run.programs
 
     # ---- streaming stages --------------------------------------------------------------------------
-    def flow_stage(self, m, incremental: bool, run: Callable = run_alone):
-        """The streaming flow stage of one model input (`ModelInput` or upstream dict): `chunk()` / `final()`."""
+    def flow_stage(self, m, incremental: bool, run: Callable = run_alone, max_tokens: Optional[int] = None):
+        """The streaming flow stage of one model input (`ModelInput` or upstream dict): `chunk()` / `final()`.
+        max_tokens: the stream's token count when known (incremental: its cache is allocated once)."""
         from cosyjax.streaming import RecomputeFlow
 
         m = ModelInput.from_dict(m, self.config.flow.token_mel_ratio)
@@ -544,10 +551,12 @@ class Engine:
         if self.config.version == "cosyvoice2":
             from cosyjax.flow.cv2.incremental import IncrementalFlowCV2
 
-            return IncrementalFlowCV2(*args, dtype=num.dtype, attention_impl=num.attention, run=run)
+            return IncrementalFlowCV2(*args, dtype=num.dtype, attention_impl=num.attention, run=run,
+                                      max_tokens=max_tokens)
         from cosyjax.flow.cv3.incremental import IncrementalFlowCV3
 
-        return IncrementalFlowCV3(*args, dtype=num.dtype, attention_impl=num.attention, run=run)
+        return IncrementalFlowCV3(*args, dtype=num.dtype, attention_impl=num.attention, run=run,
+                                  max_tokens=max_tokens)
 
     def vocoder_stage(self, key, noise_provider: Optional[NoiseProvider], incremental: bool,
                       run: Callable = run_alone):

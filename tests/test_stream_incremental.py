@@ -61,8 +61,8 @@ def test_incremental_equals_recompute(version, seconds):
     mels = {True: [], False: []}
     stage = engine.flow_stage
 
-    def recording_stage(m, incremental, run):  # keep each chunk's mel to compare the flow alone too
-        inner = stage(m, incremental, run)
+    def recording_stage(m, incremental, run, **kw):  # keep each chunk's mel to compare the flow alone too
+        inner = stage(m, incremental, run, **kw)
 
         class Rec:
             def chunk(self, *a):
@@ -149,3 +149,26 @@ def test_cv2_streams_in_a_gang_batch_flow_and_vocoder_calls_and_equal_solo_strea
         for k, (a, b) in enumerate(zip(got[i], solo[i])):
             # vmapped convolutions sum in another order: 1.7e-5 measured on this CPU, the serve tests' 1e-4 bound
             assert a.shape == b.shape and _rel(a, b) <= 1e-4, f"stream {i} chunk {k}: {_rel(a, b):.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["cosyvoice3", "cosyvoice2"])
+def test_a_stream_of_known_length_allocates_its_flow_cache_once(version, monkeypatch):
+    """Given tokens as an array (all known): the incremental flow's cache is allocated once for the length,
+    never regrown; the same tokens from an iterator (an LLM's case) grow it, with the same audio."""
+    import cosyjax.flow.cv2.incremental as cv2_inc
+    import cosyjax.flow.cv3.incremental as cv3_inc
+
+    mod, name = (cv3_inc, "grow_state") if version == "cosyvoice3" else (cv2_inc, "grow_cache")
+    grows = []
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **kw: grows.append(1) or real(*a, **kw))
+    engine, mi = _engine(version), _input(version)
+    tokens = np.random.default_rng(3).integers(0, 6561, 400).astype(np.int32)  # > the first capacity bucket
+    key = jax.random.PRNGKey(7)
+    known = [o["tts_speech"] for o in engine.generate(mi, stream=True, tokens=tokens, key=key)]
+    assert grows == []
+    grown = [o["tts_speech"] for o in engine.generate(mi, stream=True, tokens=iter([tokens]), key=key)]
+    assert len(grows) >= 1 and len(known) == len(grown) >= 3
+    for k, (a, b) in enumerate(zip(known, grown)):
+        assert a.shape == b.shape and _rel(a, b) <= AUDIO_TOL, f"chunk {k}: {_rel(a, b):.2e}"
