@@ -34,7 +34,7 @@ from cosyjax.errors import CosyJaxError
 from cosyjax.hift.config import HiFTConfig, causal_padding
 from cosyjax.hift.f0_predictor import x64_enabled
 from cosyjax.hift.source import default_noise
-from cosyjax.hift.vocoder import (DEFAULT_BUCKETS, PHASE_DTYPE, _f0_window_jit, _split, _trims, _wave_jit,
+from cosyjax.hift.vocoder import (DEFAULT_BUCKETS, PHASE_DTYPE, _f0_window_jit, _split, _trims, _wave_call,
                                   bucket_length, device_params, f0_dtype)
 from cosyjax.stage_batch import StageCall, run_alone
 
@@ -241,10 +241,8 @@ class IncrementalVocoderCV3:
             _f0_window_jit, (self._f0_params,),
             (f0_in, np.array([t - f0_start], np.int32), np.int32(g0 - f0_start), self._carry,
              np.int32(next_start - g0)), static=(("cfg", c), ("context", k)), context=x64_enabled))
-        wav, _, _ = self.run(StageCall(
-            _wave_jit, (self._rest,), (gen_in, np.array([w], np.int32), f0, phase, noise, None, None,
-                                       _trims(c, finalize)),
-            static=(("cfg", c), ("dtype", self.dtype), ("intermediates", False), ("precision", self.precision))))
+        wav, _, _ = self.run(_wave_call(self._rest, gen_in, np.array([w], np.int32), f0, phase, noise, None, None,
+                                        _trims(c, finalize), cfg=c, precision=self.precision, dtype=self.dtype))
         # slice on the host: an eager slice of the device array compiles once per (start, stop) size
         audio = np.asarray(wav, np.float32)[:, self.emitted_samples - g0 * u: stop - g0 * u]
         self.total_frames, self.emitted_samples = t, stop

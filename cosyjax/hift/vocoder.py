@@ -181,13 +181,21 @@ def _trims(cfg: HiFTConfig, finalize: bool):
     return np.array([0, 0] if finalize else [cfg.finalize_false_trim, cfg.f0_lookahead], np.int32)
 
 
+def _wave_call(params, mel, lengths, f0, phase, noise, key, cache_source, trims, *, cfg: HiFTConfig,
+               precision=None, dtype=None, intermediates: bool = False) -> StageCall:
+    """Stage 2 (`_wave_jit`) as a `StageCall`: a runner runs it alone or with other streams' calls."""
+    return StageCall(_wave_jit, (params,), (mel, lengths, f0, phase, noise, key, cache_source, trims),
+                     static=(("cfg", cfg), ("dtype", dtype), ("intermediates", intermediates),
+                             ("precision", precision)))
+
+
 def _stage_wave(params, mel, lengths, f0, phase, noise, key, cache_source, trims=None, *, cfg: HiFTConfig,
                 precision=None, dtype=None, intermediates: bool = False, finalize: bool = True):
     """Jitted stage 2 (`_wave_jit`); `finalize` is turned into traced trims, so it never recompiles."""
     if trims is None:
         trims = _trims(cfg, finalize)
-    return _wave_jit(params, mel, lengths, f0, phase, noise, key, cache_source, trims, cfg=cfg,
-                     precision=precision, dtype=dtype, intermediates=intermediates)
+    return run_alone(_wave_call(params, mel, lengths, f0, phase, noise, key, cache_source, trims, cfg=cfg,
+                                precision=precision, dtype=dtype, intermediates=intermediates))
 
 
 def f0_stage(params, cfg: HiFTConfig, mel, lengths):
@@ -327,9 +335,9 @@ def _run(params, cfg: HiFTConfig, mel, *, bucket: int | None, finalize, key, noi
     # the two jitted stages as `StageCall`s: `run` runs them alone, or with other streams' calls (CV2 streaming)
     f0, phase = run(StageCall(_f0_jit, (f0_params,), (mel_p, lengths_np, f0), static=(("cfg", cfg),),
                               context=x64_enabled))
-    wav, source, extras = run(StageCall(
-        _wave_jit, (rest,), (mel_p, lengths_np, f0, phase, noise, key, cache_source, _trims(cfg, finalize)),
-        static=(("cfg", cfg), ("dtype", dtype), ("intermediates", intermediates), ("precision", precision))))
+    wav, source, extras = run(_wave_call(rest, mel_p, lengths_np, f0, phase, noise, key, cache_source,
+                                         _trims(cfg, finalize), cfg=cfg, precision=precision, dtype=dtype,
+                                         intermediates=intermediates))
     t_wav = t if finalize else t - cfg.finalize_false_trim
     t_src = t if finalize else t - cfg.f0_lookahead
     if bucket is not None:  # `vocode`: trim on the host (an eager device slice compiles once per length)
